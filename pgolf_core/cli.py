@@ -1,0 +1,337 @@
+"""The ``pgolf`` command: run, validate, config, list, show, stacks.
+
+Every user error is printed as one line per problem on stderr (``error: …``) with exit code 2 (3 for an
+artifact over the cap) and no traceback; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import ConfigError, PgolfError
+
+REPO_STACKS = Path(__file__).resolve().parent.parent / "stacks"
+TORCHRUN_PASSTHROUGH = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port", "max_restarts")
+
+
+def _registry(args: argparse.Namespace):
+    from .registry import default_registry
+
+    return default_registry(tuple(getattr(args, "plugin", None) or ()))
+
+
+def resolve_stack_path(value: str) -> str:
+    """A stack argument is a path, or the name of a bundled stack (``baseline`` → stacks/baseline.toml)."""
+    if Path(value).is_file() or value.endswith(".toml"):
+        return value
+    candidate = REPO_STACKS / f"{value}.toml"
+    if candidate.is_file():
+        return str(candidate)
+    return value
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_stack
+
+    registry = _registry(args)
+    env = dict(os.environ) if getattr(args, "legacy_env", False) else None
+    stack = load_stack(resolve_stack_path(args.stack), registry, overrides=args.set or [], legacy_env=env)
+    if getattr(args, "run_id", None) or getattr(args, "out_dir", None):
+        changes = {}
+        if args.run_id:
+            changes["run_id"] = args.run_id
+        if args.out_dir:
+            changes["out_dir"] = args.out_dir
+        stack = attrs.evolve(stack, run=attrs.evolve(stack.run, **changes))
+    return stack, registry
+
+
+# ---------------------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    nproc = _nproc(args.nproc_per_node)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    stack, registry = _load(args)  # validate before launching anything
+    if not under_torchrun and (nproc > 1 or (args.nnodes and args.nnodes != "1")):
+        return _launch_torchrun(args, nproc, stack)
+
+    from .rundir import RunDir, new_run_id
+    from .runtime import broadcast_str, setup_runtime
+    from .train import run_training
+
+    runtime = setup_runtime(stack)
+    run_id = stack.run.run_id or os.environ.get("PGOLF_RUN_ID") or new_run_id(stack.meta.name or Path(stack.path).stem)
+    run_id = broadcast_str(run_id, runtime)
+    rundir = RunDir(stack.run.out_dir, run_id, runtime.is_master)
+    try:
+        rundir.open()
+        if runtime.is_master:
+            print(f"run directory: {rundir.path}", file=sys.stderr)
+        run_training(stack, registry, runtime, rundir)
+    except BaseException as exc:
+        reason = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
+        failed = rundir.fail(reason)
+        if failed is not None:
+            print(f"run failed; log kept in {failed}", file=sys.stderr)
+        raise
+    finally:
+        runtime.shutdown()
+    final = rundir.finish()
+    if runtime.is_master:
+        print(f"run complete: {final}", file=sys.stderr)
+    return 0
+
+
+def _nproc(value: str) -> int:
+    if value == "auto":
+        try:
+            import torch
+
+            return max(torch.cuda.device_count(), 1)
+        except Exception:
+            return 1
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"--nproc-per-node {value!r}: expected an integer or 'auto'") from None
+    if n < 1:
+        raise ConfigError(f"--nproc-per-node {n}: must be >= 1")
+    return n
+
+
+def _launch_torchrun(args: argparse.Namespace, nproc: int, stack) -> int:
+    """Re-run this command under torch's own launcher (``torch.distributed.run``)."""
+    from .rundir import new_run_id
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    multi_node = any(getattr(args, k) for k in TORCHRUN_PASSTHROUGH if k != "max_restarts")
+    if not multi_node:
+        cmd.append("--standalone")
+    for key in TORCHRUN_PASSTHROUGH:
+        value = getattr(args, key)
+        if value:
+            cmd.append(f"--{key}={value}")
+    cmd += ["-m", "pgolf_core", "run", args.stack]
+    for expr in args.set or []:
+        cmd += ["--set", expr]
+    for module in args.plugin or []:
+        cmd += ["--plugin", module]
+    if args.legacy_env:
+        cmd.append("--legacy-env")
+    if args.out_dir:
+        cmd += ["--out-dir", args.out_dir]
+    if args.run_id:
+        cmd += ["--run-id", args.run_id]
+    if args.debug:
+        cmd.append("--debug")
+    env = dict(os.environ)
+    env.setdefault("PGOLF_RUN_ID", stack.run.run_id or args.run_id or new_run_id(stack.meta.name or Path(stack.path).stem))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    print("launching: " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr)
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model.gpt import build_model, count_parameters
+
+    stack, registry = _load(args)
+    with torch.device("meta"):
+        model, _ = build_model(stack, registry)
+    n = count_parameters(model)
+    print(f"{stack.path}: ok")
+    print(f"model_params:{n}")
+    for slot, choice in stack.slots.items():
+        print(f"  {slot:<10} {choice.technique}")
+    for i, mod in enumerate(stack.modifiers):
+        print(f"  modifier[{i}] {mod.technique} layers={mod.layers!r}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config.dump import stack_to_dict, stack_to_toml
+
+    stack, _ = _load(args)
+    if args.format == "json":
+        print(json.dumps(stack_to_dict(stack), indent=2))
+    else:
+        print(stack_to_toml(stack), end="")
+    return 0
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .hookspecs import SLOTS
+
+    registry = _registry(args)
+    regs = [r for r in registry.all() if not args.slot or r.technique.slot == args.slot]
+    if args.json:
+        out = {
+            "techniques": [
+                {
+                    "name": r.technique.name,
+                    "slot": r.technique.slot,
+                    "distribution": r.distribution,
+                    "version": r.version,
+                    "module": r.module,
+                    "summary": r.technique.summary,
+                    "source": r.technique.source,
+                    "parameters": [a.name for a in attrs.fields(r.technique.params)],
+                }
+                for r in regs
+            ],
+            "failed": [attrs.asdict(f) for f in registry.failures],
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    if args.slot and args.slot not in SLOTS:
+        raise ConfigError(f"--slot {args.slot}: unknown slot; slots: {', '.join(SLOTS)}")
+    for slot in SLOTS:
+        rows = [r for r in regs if r.technique.slot == slot]
+        if not rows:
+            continue
+        print(f"{slot}:")
+        for r in rows:
+            params = ", ".join(a.name for a in attrs.fields(r.technique.params)) or "-"
+            print(f"  {r.technique.name:<16} {r.distribution} {r.version}  {r.technique.summary}")
+            print(f"  {'':<16} params: {params}")
+    for f in registry.failures:
+        print(f"failed plugin {f.distribution} ({f.entry_point}): {f.error}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    regs = registry.find(args.name)
+    if not regs:
+        from .config.convert import did_you_mean
+
+        names = sorted({r.technique.name for r in registry.all()})
+        raise ConfigError(f"no technique named '{args.name}'{did_you_mean(args.name, names)}; see 'pgolf list'")
+    for r in regs:
+        t = r.technique
+        print(f"{t.name}  (slot {t.slot}; {r.distribution} {r.version}; module {r.module})")
+        print(f"  {t.summary}")
+        if t.source:
+            print(f"  source: {t.source}")
+        if t.requires:
+            print(f"  requires: {', '.join(t.requires)}")
+        if t.conflicts:
+            print(f"  conflicts: {', '.join(t.conflicts)}")
+        fields = attrs.fields(t.params)
+        print("  parameters:" if fields else "  parameters: none")
+        for a in fields:
+            default = "required" if a.default is attrs.NOTHING else repr(a.default)
+            extra = []
+            if a.metadata.get("unit"):
+                extra.append(f"unit {a.metadata['unit']}")
+            if a.metadata.get("env"):
+                extra.append(f"env {a.metadata['env']}")
+            tail = f" [{'; '.join(extra)}]" if extra else ""
+            print(f"    {a.name}: {_type_name(a.type)} = {default}  {a.metadata.get('help', '')}{tail}")
+        if t.example:
+            print("  example:")
+            for line in t.example.splitlines():
+                print(f"    {line}")
+    return 0
+
+
+def cmd_stacks(args: argparse.Namespace) -> int:
+    import sys as _sys
+
+    if _sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    for path in sorted(REPO_STACKS.glob("*.toml")):
+        meta = tomllib.loads(path.read_text(encoding="utf-8")).get("meta", {})
+        bpb = meta.get("reported_val_bpb")
+        print(f"{path.stem:<12} {meta.get('name', '')}  reported val_bpb {bpb if bpb is not None else '-'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _add_stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stack", help="stack file (or the name of a bundled stack, e.g. baseline)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, value parsed as TOML (repeatable)")
+    p.add_argument("--legacy-env", action="store_true", help="apply reference-script environment variables (NUM_LAYERS, ...)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgolf", description="Parameter-golf recipes as plugins and stack files.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--plugin", action="append", metavar="MODULE", help="load a local plugin module (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="train, quantize, compress, round-trip and evaluate a stack")
+    _add_stack_args(run)
+    run.add_argument("--nproc-per-node", default="auto", help="processes on this node; 'auto' = number of GPUs (1 on CPU)")
+    run.add_argument("--run-id", help="run directory name (default: timestamp-name-hex)")
+    run.add_argument("--out-dir", help="parent of the run directory (default: run.out_dir)")
+    for key in TORCHRUN_PASSTHROUGH:
+        run.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"passed to torchrun as --{key}")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", parents=[common], help="resolve and check a stack, build it on the meta device")
+    _add_stack_args(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    config = sub.add_parser("config", parents=[common], help="print the resolved stack")
+    _add_stack_args(config)
+    config.add_argument("--format", choices=("toml", "json"), default="toml")
+    config.set_defaults(func=cmd_config)
+
+    lst = sub.add_parser("list", parents=[common], help="registered techniques by slot")
+    lst.add_argument("--slot", help="only this slot")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_list)
+
+    show = sub.add_parser("show", parents=[common], help="a technique's parameters, defaults and example")
+    show.add_argument("name")
+    show.set_defaults(func=cmd_show)
+
+    stacks = sub.add_parser("stacks", parents=[common], help="bundled stacks and their reported val_bpb")
+    stacks.set_defaults(func=cmd_stacks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quiet_rank = int(os.environ.get("RANK", "0")) != 0
+    try:
+        return int(args.func(args) or 0)
+    except PgolfError as exc:
+        if getattr(args, "debug", False):
+            raise
+        if not quiet_rank:
+            for problem in exc.problems:
+                print(f"error: {problem}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            raise
+        text = str(exc).strip().splitlines()
+        print(f"error: internal error: {type(exc).__name__}: {text[0] if text else ''} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

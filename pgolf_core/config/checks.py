@@ -1,0 +1,79 @@
+"""Cross-field checks that no single table can make: geometry, requires/conflicts, layer selectors."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .schema import Stack
+
+
+def parse_layers(selector: object, num_layers: int) -> list[int]:
+    """Layer selector → sorted layer indices.
+
+    Accepted: ``"all"``, ``"last N"``, ``"first N"``, a Python-style slice ``"-4:"`` / ``"2:5"``, or a list of
+    indices (negative counts from the end). Raises ``ValueError`` with the reason.
+    """
+    if isinstance(selector, list):
+        out = []
+        for item in selector:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ValueError(f"layer list must hold ints, got {item!r}")
+            index = item + num_layers if item < 0 else item
+            if not 0 <= index < num_layers:
+                raise ValueError(f"layer {item} is outside 0..{num_layers - 1}")
+            out.append(index)
+        return sorted(set(out))
+    if not isinstance(selector, str):
+        raise ValueError(f"expected a selector string or a list of ints, got {type(selector).__name__}")
+    text = selector.strip()
+    words = text.split()
+    if text == "all":
+        return list(range(num_layers))
+    if len(words) == 2 and words[0] in ("last", "first") and words[1].isdigit():
+        n = min(int(words[1]), num_layers)
+        return list(range(num_layers - n, num_layers)) if words[0] == "last" else list(range(n))
+    if ":" in text:
+        lo, _, hi = text.partition(":")
+        try:
+            sl = slice(int(lo) if lo.strip() else None, int(hi) if hi.strip() else None)
+        except ValueError:
+            raise ValueError(f"bad slice {text!r}") from None
+        return list(range(num_layers))[sl]
+    raise ValueError(f"unknown selector {text!r}; use 'all', 'last N', 'first N', 'a:b' or a list")
+
+
+def check_stack(stack: Stack, registry: Registry) -> None:
+    problems: list[str] = []
+    m = stack.model
+    where = stack.path
+    if m.model_dim % m.num_heads:
+        problems.append(f"{where}: model.model_dim={m.model_dim} is not divisible by model.num_heads={m.num_heads}")
+    elif (m.model_dim // m.num_heads) % 2:
+        problems.append(f"{where}: head dim model_dim/num_heads={m.model_dim // m.num_heads} must be even for RoPE")
+    if m.num_heads % m.num_kv_heads:
+        problems.append(f"{where}: model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
+    d = stack.data
+    if d.train_batch_tokens % d.train_seq_len:
+        problems.append(
+            f"{where}: data.train_batch_tokens={d.train_batch_tokens} is not a multiple of data.train_seq_len={d.train_seq_len}"
+        )
+
+    used = {c.technique for c in stack.slots.values()} | {mc.technique for mc in stack.modifiers}
+    for i, mod in enumerate(stack.modifiers):
+        try:
+            parse_layers(mod.layers, m.num_layers)
+        except ValueError as exc:
+            problems.append(f"{where}: modifier[{i}]({mod.technique}).layers: {exc}")
+    choices = [(s, c.technique) for s, c in stack.slots.items()] + [("modifier", mc.technique) for mc in stack.modifiers]
+    for slot, name in choices:
+        reg = registry.get(slot, name)
+        if reg is None:
+            continue
+        for need in reg.technique.requires:
+            if need not in used:
+                problems.append(f"{where}: technique '{name}' requires '{need}', which the stack does not use; add it or drop '{name}'")
+        for other in reg.technique.conflicts:
+            if other in used:
+                problems.append(f"{where}: techniques '{name}' and '{other}' cannot be combined; drop one")
+    if problems:
+        raise ConfigError(*problems)

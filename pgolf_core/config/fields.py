@@ -1,0 +1,45 @@
+"""``param()``: an attrs field with the metadata pgolf shows to users.
+
+``help`` and ``unit`` feed ``pgolf show``; ``env`` names the reference script's environment variable, so
+``pgolf run STACK --legacy-env`` can apply a PR README's run command unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+
+def param(default: Any = attrs.NOTHING, *, help: str = "", env: str | None = None, unit: str = "", validator: Any = None) -> Any:
+    metadata = {"help": help, "unit": unit}
+    if env:
+        metadata["env"] = env
+    return attrs.field(default=default, metadata=metadata, validator=validator)
+
+
+def positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def non_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def in_range(lo: float, hi: float, *, hi_open: bool = False) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value < lo or value > hi or (hi_open and value == hi):
+            bound = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+            raise ValueError(f"{attribute.name} must be in {bound}, got {value!r}")
+
+    return check
+
+
+def one_of(*choices: str) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"{attribute.name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+    return check

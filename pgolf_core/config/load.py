@@ -1,0 +1,315 @@
+"""Reading a stack: TOML → ``extends`` merge → ``--set`` overrides → legacy env → strict structuring.
+
+All problems are collected and raised together as one ``ConfigError``, one line each, naming the file,
+line, key path and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ..errors import ConfigError
+from ..hookspecs import SINGLE_SLOTS, SLOTS
+from ..registry import Registry
+from .convert import did_you_mean, structure_table
+from .schema import CORE_TABLES, SCHEMA_VERSION, Choice, ModifierChoice, Stack
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+TOP_LEVEL = ["schema_version", "extends", *CORE_TABLES, *SINGLE_SLOTS, "modifier"]
+
+
+class _Source:
+    """Raw text of the stack file and its bases, to point errors at lines."""
+
+    def __init__(self) -> None:
+        self.files: list[tuple[str, str]] = []  # (display path, text), child first
+
+    def locate(self, keypath: str) -> str:
+        table, _, key = keypath.rpartition(".")
+        if not table:
+            table, key = "", keypath
+        m = re.fullmatch(r"(\w+)\[(\d+)\]", table)
+        for display, text in self.files:
+            line = _find_line(text, table if not m else m.group(1), key, int(m.group(2)) if m else None)
+            if line:
+                return f"{display}:{line}"
+        return self.files[0][0] if self.files else "<stack>"
+
+
+def _find_line(text: str, table: str, key: str, array_index: int | None) -> int | None:
+    current, seen = "", -1
+    table_line = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.fullmatch(r"\[\[\s*([\w.]+)\s*\]\]", line) or re.fullmatch(r"\[\s*([\w.]+)\s*\]", line)
+        if header:
+            current = header.group(1)
+            if line.startswith("[[") and current == table:
+                seen += 1
+            if current == table and (array_index is None or seen == array_index):
+                table_line = number
+            continue
+        in_table = current == table and (array_index is None or seen == array_index)
+        if in_table and re.match(rf"{re.escape(key)}\s*=", line):
+            return number
+    return table_line
+
+
+def _read_toml(path: Path, display: str, source: _Source, chain: list[Path]) -> dict[str, Any]:
+    if not path.is_file():
+        hint = " (built-in stacks: pgolf list-stacks)" if not chain else ""
+        where = f"{chain[-1]}: extends " if chain else ""
+        raise ConfigError(f"{where}{display}: stack file not found{hint}")
+    text = path.read_text(encoding="utf-8")
+    source.files.append((display, text))
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{display}: TOML syntax error: {exc}") from None
+    base_ref = data.pop("extends", None)
+    if base_ref is None:
+        return data
+    if not isinstance(base_ref, str):
+        raise ConfigError(f"{display}: extends: expected a path string, got {type(base_ref).__name__}")
+    base_path = (path.parent / base_ref).resolve()
+    if base_path in chain or base_path == path.resolve():
+        raise ConfigError(f"{display}: extends {base_ref}: circular extends")
+    base = _read_toml(base_path, _display(base_path), source, [*chain, path.resolve()])
+    return deep_merge(base, data)
+
+
+def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; arrays (and everything else) in the child replace the base's."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            # A slot table naming a different technique starts from scratch: the base's keys belong to
+            # the base's technique.
+            if "use" in value and value.get("use") != out[key].get("use"):
+                out[key] = copy.deepcopy(value)
+            else:
+                out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def parse_set(expr: str) -> tuple[list[str | int], Any]:
+    """``section.key=value`` (value as a TOML value, else a plain string) → (path parts, value)."""
+    if "=" not in expr:
+        raise ConfigError(f"--set {expr}: expected section.key=value")
+    lhs, _, rhs = expr.partition("=")
+    parts: list[str | int] = []
+    for token in lhs.strip().split("."):
+        m = re.fullmatch(r"(\w+)\[(\d+)\]", token)
+        if m:
+            parts += [m.group(1), int(m.group(2))]
+        elif re.fullmatch(r"\w+", token):
+            parts.append(token)
+        else:
+            raise ConfigError(f"--set {expr}: bad key path '{lhs}' (use section.key or modifier[0].key)")
+    try:
+        value = tomllib.loads(f"v = {rhs.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = rhs.strip()
+    return parts, value
+
+
+def _apply_set(data: dict[str, Any], expr: str) -> str:
+    parts, value = parse_set(expr)
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(f"--set {expr}: index {part} is out of range")
+            node = node[part]
+        else:
+            if part not in node:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        raise ConfigError(f"--set {expr}: the path must end with a key")
+    node[last] = value
+    return ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in parts).replace(".[", "[")
+
+
+def _env_fields(cls: type) -> dict[str, attrs.Attribute]:
+    return {a.metadata["env"]: a for a in attrs.fields(cls) if "env" in a.metadata}
+
+
+def _parse_env_value(raw: str, attribute: attrs.Attribute) -> Any:
+    """Interpret an env string the way the reference script does for that field's type."""
+    kind = attribute.type
+    text = raw.strip()
+    if kind in (bool, "bool"):
+        return bool(int(text))
+    if kind in (int, "int"):
+        return int(text)
+    if kind in (float, "float"):
+        return float(text)
+    if "tuple[int" in str(kind):
+        return [int(v) for v in text.split(",") if v.strip()]
+    if "Optional[int]" in str(kind):
+        return int(text)
+    if "Optional[float]" in str(kind):
+        return float(text)
+    return text
+
+
+def _apply_legacy_env(table: dict[str, Any], cls: type, table_name: str, env: dict[str, str], log: list[str]) -> list[str]:
+    problems = []
+    for name, attribute in _env_fields(cls).items():
+        if name not in env:
+            continue
+        try:
+            value = _parse_env_value(env[name], attribute)
+        except ValueError:
+            problems.append(f"environment {name}={env[name]!r}: not a valid {attribute.type} for {table_name}.{attribute.name}")
+            continue
+        table[attribute.name] = value
+        log.append(f"{name}={env[name]} -> {table_name}.{attribute.name} = {value!r}")
+    return problems
+
+
+def load_stack(
+    path: str | os.PathLike[str],
+    registry: Registry,
+    overrides: list[str] | tuple[str, ...] = (),
+    legacy_env: dict[str, str] | None = None,
+) -> Stack:
+    """Resolve a stack file into a validated ``Stack`` or raise ``ConfigError`` listing every problem."""
+    stack_path = Path(path)
+    source = _Source()
+    display = _display(stack_path) if stack_path.is_absolute() else str(path)
+    data = _read_toml(stack_path, display, source, [])
+    set_paths: dict[str, str] = {}
+    for expr in overrides:
+        set_paths[_apply_set(data, expr)] = expr
+
+    problems: list[str] = []
+
+    def report(keypath: str, message: str) -> None:
+        origin = next((f"--set {e}" for k, e in set_paths.items() if keypath == k or keypath.startswith(k + ".")), None)
+        problems.append(f"{origin or source.locate(keypath)}: {keypath}: {message}")
+
+    for key in data:
+        if key not in TOP_LEVEL:
+            report(key, f"unknown table or key '{key}'{did_you_mean(key, TOP_LEVEL)}")
+    version = data.get("schema_version")
+    if version is None:
+        problems.append(f"{display}: schema_version: missing; add 'schema_version = {SCHEMA_VERSION}' at the top")
+    elif version != SCHEMA_VERSION:
+        report("schema_version", f"unsupported schema_version {version!r}; this pgolf reads {SCHEMA_VERSION}")
+
+    env_log: list[str] = []
+    core: dict[str, Any] = {}
+    for name, cls in CORE_TABLES.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            report(name, f"expected a table [{name}], got {type(table).__name__}")
+            continue
+        table = dict(table)
+        if legacy_env is not None:
+            problems += _apply_legacy_env(table, cls, name, legacy_env, env_log)
+        instance, found = structure_table(table, cls, name)
+        for keypath, message in found:
+            report(keypath, message)
+        core[name] = instance
+
+    slots: dict[str, Choice] = {}
+    for slot in SINGLE_SLOTS:
+        table = data.get(slot)
+        if table is None:
+            problems.append(f"{display}: [{slot}]: missing; choose one of: {', '.join(registry.names(slot)) or '(none installed)'}")
+            continue
+        choice = _structure_choice(table, slot, slot, registry, legacy_env, env_log, report)
+        if choice is not None:
+            slots[slot] = choice
+
+    modifiers: list[ModifierChoice] = []
+    raw_mods = data.get("modifier", [])
+    if not isinstance(raw_mods, list):
+        report("modifier", "expected an array of tables [[modifier]]")
+        raw_mods = []
+    for index, table in enumerate(raw_mods):
+        table = dict(table)
+        layers = table.pop("layers", "all")
+        choice = _structure_choice(table, "modifier", f"modifier[{index}]", registry, legacy_env, env_log, report)
+        if choice is not None:
+            modifiers.append(ModifierChoice(choice.technique, choice.params, layers, choice.distribution, choice.version))
+
+    if problems:
+        raise ConfigError(*problems)
+    stack = Stack(
+        path=display,
+        schema_version=version,
+        meta=core["meta"],
+        run=core["run"],
+        data=core["data"],
+        model=core["model"],
+        slots=slots,
+        modifiers=tuple(modifiers),
+        overrides=tuple(overrides),
+        legacy_env=tuple(env_log),
+    )
+    from .checks import check_stack  # local import: checks needs the registry and the model spec
+
+    check_stack(stack, registry)
+    return stack
+
+
+def _structure_choice(table: Any, slot: str, where: str, registry: Registry, legacy_env, env_log, report) -> Choice | None:
+    if not isinstance(table, dict):
+        report(where, f"expected a table with 'use = \"<technique>\"', got {type(table).__name__}")
+        return None
+    table = dict(table)
+    name = table.pop("use", None)
+    installed = registry.names(slot)
+    if name is None:
+        report(where, f"missing 'use'; choose one of: {', '.join(installed) or '(none installed)'}")
+        return None
+    if not isinstance(name, str):
+        report(f"{where}.use", f"expected a technique name string, got {type(name).__name__}")
+        return None
+    registration = registry.get(slot, name)
+    if registration is None:
+        elsewhere = [r.technique.slot for r in registry.find(name)]
+        extra = f"; '{name}' is a technique for slot {', '.join(elsewhere)}" if elsewhere else ""
+        failed = [f.distribution for f in registry.failures]
+        extra += f"; plugins that failed to load: {', '.join(failed)} (see 'pgolf list')" if failed else ""
+        report(
+            f"{where}.use",
+            f"no technique '{name}' for slot '{slot}'{did_you_mean(name, installed)}; installed: "
+            f"{', '.join(installed) or '(none)'}{extra} (see 'pgolf list --slot {slot}')",
+        )
+        return None
+    technique = registration.technique
+    if legacy_env is not None:
+        for problem in _apply_legacy_env(table, technique.params, f"{where}({name})", legacy_env, env_log):
+            report(f"{where}", problem)
+    params, found = structure_table(table, technique.params, where)
+    for keypath, message in found:
+        report(keypath, message)
+    if params is None:
+        return None
+    return Choice(name, params, registration.distribution, registration.version)

@@ -1,0 +1,125 @@
+"""The core-owned tables of a stack file and the resolved ``Stack``.
+
+Defaults are the official baseline ``train_gpt.py``'s, so an empty table means "as the reference does".
+Technique parameters live in the techniques' own attrs classes (see ``plugins/``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attrs
+
+from .fields import non_negative, one_of, param, positive
+
+SCHEMA_VERSION = 1
+
+
+@attrs.define(frozen=True, kw_only=True)
+class MetaConfig:
+    name: str = param("", help="short name of the recipe")
+    description: str = param("", help="one paragraph on what the recipe does")
+    pr: Optional[int] = param(None, help="openai/parameter-golf pull request number")
+    source: str = param("", help="link to the reference script")
+    author: str = param("", help="author, copied into submission.json")
+    github_id: str = param("", help="GitHub id, copied into submission.json")
+    reported_val_bpb: Optional[float] = param(None, help="val_bpb the PR reported", unit="bits/byte")
+    reported_bytes: Optional[int] = param(None, help="artifact bytes the PR reported", unit="bytes")
+
+
+@attrs.define(frozen=True, kw_only=True)
+class RunConfig:
+    seed: int = param(1337, help="seed for python, numpy and torch (same on every rank)", env="SEED")
+    run_id: str = param("", help="run directory name under out_dir; a timestamped id when empty", env="RUN_ID")
+    out_dir: str = param("runs", help="directory that receives runs/<run_id>/")
+    iterations: int = param(20000, help="training steps (the schedule's horizon)", env="ITERATIONS", validator=non_negative)
+    warmup_steps: int = param(
+        20, help="compile-priming steps; weights and optimizer state are restored afterwards", env="WARMUP_STEPS", validator=non_negative
+    )
+    max_wallclock_seconds: float = param(
+        600.0, help="training time cap; 0 disables the cap", unit="s", env="MAX_WALLCLOCK_SECONDS", validator=non_negative
+    )
+    val_loss_every: int = param(1000, help="validate every N steps; 0 only at the end", env="VAL_LOSS_EVERY", validator=non_negative)
+    train_log_every: int = param(200, help="log train loss every N steps (and the first 10)", env="TRAIN_LOG_EVERY", validator=non_negative)
+    grad_accum_base: int = param(
+        8, help="micro-batches per step on one process; each of W ranks runs grad_accum_base // W", validator=positive
+    )
+    device: str = param("auto", help="'auto' (cuda when available), 'cuda' or 'cpu'", validator=one_of("auto", "cuda", "cpu"))
+    compile: str = param("auto", help="torch.compile the model: 'auto' (on for cuda), 'on', 'off'", validator=one_of("auto", "on", "off"))
+    artifact_cap_bytes: int = param(16_000_000, help="size cap for code + compressed model", unit="bytes", validator=positive)
+    save_raw_model: bool = param(False, help="also write the unquantized state dict (final_model.pt)")
+
+
+@attrs.define(frozen=True, kw_only=True)
+class DataConfig:
+    path: str = param(
+        "./data/datasets/fineweb10B_sp1024",
+        help="directory of fineweb_{train,val}_*.bin shards, or 'sample:sp1024' for the built-in sample",
+        env="DATA_PATH",
+    )
+    tokenizer: str = param(
+        "./data/tokenizers/fineweb_1024_bpe.model",
+        help="SentencePiece .model used for the byte counts of val_bpb ('sample:sp1024' for the bundled one)",
+        env="TOKENIZER_PATH",
+    )
+    train_batch_tokens: int = param(524_288, help="tokens per optimizer step, all ranks", env="TRAIN_BATCH_TOKENS", validator=positive)
+    train_seq_len: int = param(1024, help="training sequence length", unit="tokens", env="TRAIN_SEQ_LEN", validator=positive)
+    val_batch_size: int = param(524_288, help="validation tokens per batch, all ranks", env="VAL_BATCH_SIZE", validator=positive)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ModelConfig:
+    vocab_size: int = param(1024, help="must equal the tokenizer's vocabulary", env="VOCAB_SIZE", validator=positive)
+    num_layers: int = param(9, env="NUM_LAYERS", validator=positive)
+    model_dim: int = param(512, env="MODEL_DIM", validator=positive)
+    num_heads: int = param(8, env="NUM_HEADS", validator=positive)
+    num_kv_heads: int = param(4, env="NUM_KV_HEADS", validator=positive)
+    tie_embeddings: bool = param(True, help="output head reuses the token embedding", env="TIE_EMBEDDINGS")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+
+CORE_TABLES: dict[str, type] = {"meta": MetaConfig, "run": RunConfig, "data": DataConfig, "model": ModelConfig}
+
+
+@attrs.define(frozen=True)
+class Choice:
+    """A slot's chosen technique with its structured parameters."""
+
+    technique: str
+    params: Any
+    distribution: str = ""
+    version: str = ""
+
+
+@attrs.define(frozen=True)
+class ModifierChoice:
+    technique: str
+    params: Any
+    layers: Any  # selector as written: "all", "last 4", "first 2", "-4:", or a list of indices
+    distribution: str = ""
+    version: str = ""
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Stack:
+    """A fully resolved, validated stack: what ``pgolf config`` prints and a run records."""
+
+    path: str
+    schema_version: int
+    meta: MetaConfig
+    run: RunConfig
+    data: DataConfig
+    model: ModelConfig
+    slots: dict[str, Choice]
+    modifiers: tuple[ModifierChoice, ...] = ()
+    overrides: tuple[str, ...] = ()
+    legacy_env: tuple[str, ...] = ()
+
+    def params(self, slot: str) -> Any:
+        return self.slots[slot].params
+
+    def technique(self, slot: str) -> str:
+        return self.slots[slot].technique

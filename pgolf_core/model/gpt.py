@@ -1,0 +1,117 @@
+"""Assembling the GPT from a stack: spec → modifiers (stack order) → modules (reference order) → init.
+
+The result is plain ``nn.Module``s; no plugin code is dispatched while it runs, so it compiles with
+``torch.compile(fullgraph=True)`` when its parts do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ..config.checks import parse_layers
+from ..config.schema import Stack
+from ..errors import ConfigError
+from ..registry import Registry
+from .layers import RMSNorm
+from .spec import BuildContext, Component, ModelSpec, spec_from_stack
+
+
+class GPT(nn.Module):
+    """Embedding → topology over blocks → final RMSNorm → head (loss). Every part comes from a slot."""
+
+    def __init__(self, embedding: nn.Module, topology: nn.Module, blocks: list[nn.Module], head: nn.Module) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.topology = topology
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = RMSNorm()
+        self.head = head
+
+    def hidden(self, input_ids: Tensor) -> Tensor:
+        x = self.embedding(input_ids)
+        x = self.topology(x, x, self.blocks)
+        return self.final_norm(x)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        return self.head(self.hidden(input_ids), target_ids, self.embedding.tok_emb.weight)
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        return self.head.logits(self.hidden(input_ids), self.embedding.tok_emb.weight)
+
+    # Parameter roles, for optimizer grouping -------------------------------------------------------------
+    def token_embedding(self) -> nn.Parameter:
+        return self.embedding.tok_emb.weight
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def block_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.blocks.named_parameters()
+
+    def other_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters outside the token table, the blocks and the head (e.g. U-Net skip weights)."""
+        skip = {id(self.token_embedding())} | {id(p) for p in self.head.parameters()} | {id(p) for p in self.blocks.parameters()}
+        return [(n, p) for n, p in self.named_parameters() if id(p) not in skip]
+
+
+def apply_modifiers(spec: ModelSpec, stack: Stack, registry: Registry) -> list[Any]:
+    """Run each modifier's ``transform`` in stack-file order; returns the modifier objects (loop events)."""
+    objects = []
+    ctx = BuildContext(stack.model, stack.run, stack.data)
+    for index, mod in enumerate(stack.modifiers):
+        reg = registry.get("modifier", mod.technique)
+        assert reg is not None
+        layers = parse_layers(mod.layers, stack.model.num_layers)
+        obj = reg.technique.build(mod.params, ctx)
+        try:
+            obj.transform(spec, layers, name=f"modifier[{index}]({mod.technique})")
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"{stack.path}: modifier[{index}]({mod.technique}): {exc}") from None
+        objects.append(obj)
+    return objects
+
+
+def _build(component: Component, base: BuildContext, where: str, layer: int | None = None, **kwargs: Any) -> Any:
+    ctx = base.for_component(component, layer)
+    try:
+        built = component.technique.build(component.params, ctx, **kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"while building {where} ({component.technique.name}): {exc}") from None
+    unread = ctx.unread_options()
+    if unread:
+        by = ", ".join(sorted({component.claimed_by[k] for k in unread}))
+        raise ConfigError(
+            f"{where} uses '{component.technique.name}', which does not support option(s) {', '.join(unread)} set by {by}"
+        )
+    return built
+
+
+def build_model(stack: Stack, registry: Registry) -> tuple[GPT, list[Any]]:
+    """Build the model on the current default device, in the reference's parameter-creation order."""
+    spec = spec_from_stack(stack, registry)
+    modifier_objects = apply_modifiers(spec, stack, registry)
+    base = BuildContext(stack.model, stack.run, stack.data)
+    embedding = _build(spec.embedding, base, "embedding")
+    topology = _build(spec.topology, base, "topology")
+    blocks = []
+    for i, layer in enumerate(spec.layers):
+        attn = _build(layer.attention, base, f"blocks.{i}.attention", i)
+        mlp = _build(layer.mlp, base, f"blocks.{i}.mlp", i)
+        blocks.append(_build(layer.residual, base, f"blocks.{i}", i, attn=attn, mlp=mlp))
+    head = _build(spec.head, base, "head")
+    model = GPT(embedding, topology, blocks, head)
+    init = _build(spec.init, base, "init")
+    with torch.no_grad():
+        init(model)
+    return model, modifier_objects
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,168 @@
+"""The technique catalogue: loading plugins from entry points and recording where each technique came from.
+
+Built-in techniques are entry points of the ``pgolf`` distribution in group ``pgolf``, loaded exactly like a
+third-party package's. Installing a plugin only fills the catalogue; a technique runs only when a stack
+names it. A plugin that fails to import is recorded with its error and skipped; it becomes fatal only when
+a stack uses a technique nobody registered.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import os
+import traceback
+from typing import Any, Callable
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigError
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Technique:
+    """A technique a plugin offers for one slot.
+
+    ``params`` is an attrs class (frozen, kw_only) whose fields are the technique's stack keys; field
+    metadata may carry ``help``, ``unit`` and ``env`` (the reference script's environment variable).
+    ``build(params, ctx, **kw)`` follows the slot contract in ``pgolf_core.hookspecs.SLOTS``.
+    """
+
+    name: str
+    slot: str
+    params: type
+    build: Callable[..., Any]
+    summary: str
+    source: str = ""
+    requires: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    example: str = ""
+    compile_safe: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.slot not in hookspecs.SLOTS:
+            raise ValueError(f"technique {self.name!r}: unknown slot {self.slot!r} (slots: {', '.join(hookspecs.SLOTS)})")
+        if not attrs.has(self.params):
+            raise TypeError(f"technique {self.name!r}: params must be an attrs class")
+
+
+@attrs.define(frozen=True)
+class Registration:
+    technique: Technique
+    distribution: str
+    version: str
+    module: str
+
+
+@attrs.define(frozen=True)
+class PluginFailure:
+    entry_point: str
+    distribution: str
+    error: str
+
+
+class Registry:
+    """Techniques by (slot, name), with provenance, plus the plugins that failed to load."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self._by_key: dict[tuple[str, str], Registration] = {}
+        self.failures: list[PluginFailure] = []
+        self._current: tuple[str, str, str] = ("unknown", "", "")
+        # Historic: every plugin registered from now on is called once, at registration, with this kwarg.
+        self.pm.hook.pgolf_register_techniques.call_historic(kwargs={"register": self._register})
+
+    # -- registration -------------------------------------------------------------------------------
+    def _register(self, technique: Technique) -> None:
+        dist, version, module = self._current
+        key = (technique.slot, technique.name)
+        if key in self._by_key:
+            other = self._by_key[key]
+            raise ConfigError(
+                f"technique '{technique.name}' (slot {technique.slot}) is registered twice: by {other.distribution} "
+                f"{other.version} ({other.module}) and by {dist} {version} ({module}); uninstall or block one of them"
+            )
+        self._by_key[key] = Registration(technique, dist, version, module)
+
+    def add_plugin(self, plugin: Any, *, distribution: str, version: str = "", name: str | None = None) -> None:
+        """Register a plugin object or module and collect the techniques it registers."""
+        module = getattr(plugin, "__name__", type(plugin).__name__)
+        self._current = (distribution, version, module)
+        try:
+            self.pm.register(plugin, name=name or module)
+        finally:
+            self._current = ("unknown", "", "")
+
+    def load_entry_points(self, allow: set[str] | None = None, block: set[str] | None = None) -> None:
+        for ep in md.entry_points(group=hookspecs.PROJECT):
+            dist = ep.dist.name if ep.dist is not None else "unknown"
+            version = ep.dist.version if ep.dist is not None else ""
+            if allow is not None and dist not in allow and dist != "pgolf":
+                continue
+            if block and dist in block:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken third-party plugin must not take pgolf down
+                self.failures.append(PluginFailure(f"{ep.group}:{ep.name}", f"{dist} {version}", _one_line(exc)))
+                continue
+            if self.pm.is_registered(plugin):
+                continue
+            self.add_plugin(plugin, distribution=dist, version=version, name=f"{dist}:{ep.name}")
+
+    def load_module(self, dotted: str) -> None:
+        """Load an unpackaged local plugin module (``--plugin my_pkg.my_technique``)."""
+        try:
+            module = importlib.import_module(dotted)
+        except Exception as exc:
+            raise ConfigError(f"--plugin {dotted}: cannot import: {_one_line(exc)}") from None
+        self.add_plugin(module, distribution=f"local:{dotted}")
+
+    # -- lookup ---------------------------------------------------------------------------------------
+    def get(self, slot: str, name: str) -> Registration | None:
+        return self._by_key.get((slot, name))
+
+    def names(self, slot: str) -> list[str]:
+        return sorted(n for (s, n) in self._by_key if s == slot)
+
+    def all(self) -> list[Registration]:
+        return [self._by_key[k] for k in sorted(self._by_key)]
+
+    def find(self, name: str) -> list[Registration]:
+        return [r for (s, n), r in sorted(self._by_key.items()) if n == name]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+_DEFAULT: Registry | None = None
+
+
+def default_registry(extra_modules: tuple[str, ...] = ()) -> Registry:
+    """The process-wide catalogue: entry points (honouring the PGOLF_* controls) plus local modules."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        reg = Registry()
+        if os.environ.get("PGOLF_DISABLE_PLUGIN_AUTOLOAD") != "1":
+            allow = _env_set("PGOLF_LOAD_PLUGINS")
+            reg.load_entry_points(allow=allow, block=_env_set("PGOLF_BLOCK_PLUGINS"))
+        else:
+            # Built-ins still come from pgolf's own entry points; only third-party autoload is off.
+            reg.load_entry_points(allow=set())
+        _DEFAULT = reg
+    for module in extra_modules:
+        if not any(r.distribution == f"local:{module}" for r in _DEFAULT.all()):
+            _DEFAULT.load_module(module)
+    return _DEFAULT
+
+
+def _env_set(name: str) -> set[str] | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    return {v.strip() for v in value.split(",") if v.strip()}

@@ -1,0 +1,84 @@
+"""The built-in sample dataset: challenge-format shards built deterministically from bundled prose.
+
+``data.path = "sample:sp1024"`` and ``data.tokenizer = "sample:sp1024"`` make any stack runnable offline:
+the corpus shipped with pgolf (``corpus.txt``, documents separated by ``<|doc|>``) is tokenized with the
+challenge's own 1024-token SentencePiece model (bundled), each document prefixed with BOS, every 8th
+document going to validation. Shards are written once into a cache directory and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..data import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
+
+HERE = Path(__file__).resolve().parent
+SAMPLES = {"sp1024": HERE / "fineweb_1024_bpe.model"}
+PREFIX = "sample:"
+VAL_EVERY = 8
+TRAIN_SHARDS = 2
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PGOLF_CACHE") or Path.home() / ".cache" / "pgolf")
+
+
+def is_sample(value: str) -> bool:
+    return value.startswith(PREFIX)
+
+
+def sample_name(value: str) -> str:
+    name = value[len(PREFIX) :]
+    if name not in SAMPLES:
+        from ..errors import DataError
+
+        raise DataError(f"{value}: unknown built-in sample; available: {', '.join(PREFIX + n for n in SAMPLES)}")
+    return name
+
+
+def tokenizer_path(value: str) -> str:
+    return str(SAMPLES[sample_name(value)])
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def documents() -> list[str]:
+    text = (HERE / "corpus.txt").read_text(encoding="utf-8")
+    return [d.strip() for d in text.split("<|doc|>") if d.strip()]
+
+
+def build_sample(value: str) -> Path:
+    """Return the directory of the sample's shards, building them on first use."""
+    import sentencepiece as spm
+
+    name = sample_name(value)
+    model = SAMPLES[name]
+    digest = hashlib.sha256((HERE / "corpus.txt").read_bytes() + model.read_bytes()).hexdigest()[:12]
+    out = cache_root() / f"sample_{name}_{digest}"
+    if (out / "COMPLETE").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    train: list[int] = []
+    val: list[int] = []
+    for i, doc in enumerate(documents()):
+        ids = [sp.bos_id(), *sp.encode(doc)]
+        (val if i % VAL_EVERY == 0 else train).extend(ids)
+    train_arr = np.asarray(train, dtype=np.uint16)
+    for k, part in enumerate(np.array_split(train_arr, TRAIN_SHARDS)):
+        write_shard(out / f"fineweb_train_{k:06d}.bin", part)
+    write_shard(out / "fineweb_val_000000.bin", np.asarray(val, dtype=np.uint16))
+    (out / "COMPLETE").write_text(digest + "\n")
+    return out

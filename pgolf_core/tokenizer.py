@@ -1,0 +1,56 @@
+"""The SentencePiece tokenizer behind val_bpb: loading, vocabulary check and the per-token byte tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from torch import Tensor
+
+from .errors import DataError
+
+
+def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
+    file = Path(path)
+    if file.suffix != ".model":
+        raise DataError(f"data.tokenizer {path}: expected a SentencePiece .model file")
+    if not file.is_file():
+        raise DataError(f"data.tokenizer {path}: file not found; set data.tokenizer (or TOKENIZER_PATH with --legacy-env)")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(file))
+    except Exception as exc:  # sentencepiece raises OSError/RuntimeError with C++ text
+        raise DataError(f"data.tokenizer {path}: not a readable SentencePiece model ({str(exc).strip().splitlines()[0]})") from None
+    if int(sp.vocab_size()) != vocab_size:
+        raise DataError(
+            f"data.tokenizer {path} has vocab_size {int(sp.vocab_size())} but model.vocab_size is {vocab_size}; "
+            "use the matching tokenizer or set model.vocab_size"
+        )
+    return sp
+
+
+def byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(bytes per piece, has leading '▁', is boundary token), as the challenge's evaluation defines them."""
+    sp_vocab = int(sp.vocab_size())
+    size = max(sp_vocab, vocab_size)
+    base_bytes = np.zeros((size,), dtype=np.int16)
+    has_space = np.zeros((size,), dtype=np.bool_)
+    boundary = np.ones((size,), dtype=np.bool_)
+    for token_id in range(sp_vocab):
+        if sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_unused(token_id):
+            continue
+        boundary[token_id] = False
+        if sp.is_byte(token_id):
+            base_bytes[token_id] = 1
+            continue
+        piece = sp.id_to_piece(token_id)
+        if piece.startswith("\u2581"):
+            has_space[token_id] = True
+            piece = piece[1:]
+        base_bytes[token_id] = len(piece.encode("utf-8"))
+    return (
+        torch.tensor(base_bytes, dtype=torch.int16, device=device),
+        torch.tensor(has_space, dtype=torch.bool, device=device),
+        torch.tensor(boundary, dtype=torch.bool, device=device),
+    )

@@ -1,0 +1,53 @@
+"""Final evaluation over the whole validation split in non-overlapping ``train_seq_len`` windows.
+
+The official baseline ``train_gpt.py`` scores its round-tripped artifact this way and prints
+``final_int8_zlib_roundtrip_exact val_loss:… val_bpb:…``; ``label`` sets that line's name.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from pgolf_core.config.fields import param
+from pgolf_core.evaluate import eval_val
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.registry import Technique
+
+
+@attrs.define(frozen=True, kw_only=True)
+class FullValParams:
+    label: str = param(
+        "final_{quant}_{comp}_roundtrip",
+        help="name of the final log line; {quant} and {comp} are the quantizer's and compressor's labels",
+    )
+
+
+class FullVal:
+    compliant = True
+    compliance_note = "scores each validation token once, after training, with the frozen model"
+
+    def __init__(self, params: FullValParams) -> None:
+        self.label = params.label
+
+    def evaluate(self, model, env, quant: str, comp: str) -> list[tuple[str, float, float]]:
+        val_loss, val_bpb = eval_val(model, env)
+        return [(self.label.format(quant=quant, comp=comp), val_loss, val_bpb)]
+
+
+def build(params: FullValParams, ctx) -> FullVal:
+    return FullVal(params)
+
+
+@hookimpl
+def pgolf_register_techniques(register) -> None:
+    register(
+        Technique(
+            name="full_val",
+            slot="evaluator",
+            params=FullValParams,
+            build=build,
+            summary="whole validation split, non-overlapping windows of train_seq_len (official baseline)",
+            source="https://github.com/openai/parameter-golf/blob/main/train_gpt.py",
+            example='[evaluator]\nuse = "full_val"',
+        )
+    )

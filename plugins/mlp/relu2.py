@@ -1,0 +1,51 @@
+"""relu² MLP: ``proj(relu(fc(x))²)`` with a zero-initialised output projection.
+
+From the official baseline ``train_gpt.py`` (after modded-nanogpt). The hidden width is
+``int(mult * model_dim)``; the baseline uses an integer multiplier, later records a float one.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from pgolf_core.config.fields import param, positive
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.model.layers import CastedLinear, zero_init
+from pgolf_core.registry import Technique
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Relu2Params:
+    mult: float = param(2.0, help="hidden width as a multiple of model_dim", env="MLP_MULT", validator=positive)
+
+
+class Relu2MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc = CastedLinear(dim, hidden, bias=False)
+        self.proj = zero_init(CastedLinear(hidden, dim, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.fc(x))
+        return self.proj(x.square())
+
+
+def build(params: Relu2Params, ctx) -> Relu2MLP:
+    return Relu2MLP(ctx.model.model_dim, int(params.mult * ctx.model.model_dim))
+
+
+@hookimpl
+def pgolf_register_techniques(register) -> None:
+    register(
+        Technique(
+            name="relu2",
+            slot="mlp",
+            params=Relu2Params,
+            build=build,
+            summary="relu-squared MLP with zero-init output projection (official baseline)",
+            source="https://github.com/openai/parameter-golf/blob/main/train_gpt.py",
+            example='[mlp]\nuse = "relu2"\nmult = 2.0',
+        )
+    )

@@ -1,0 +1,148 @@
+"""Muon for the blocks' matrices, Adam for the embedding, head and control/scalar parameters.
+
+From the official baseline ``train_gpt.py`` (Muon as in modded-nanogpt): momentum with Nesterov, the
+update orthogonalised by 5 Newton–Schulz steps in bf16 and scaled by ``sqrt(max(1, rows/cols))``; the
+matrices are assigned round-robin to ranks and the updates all-reduced. Momentum warms up linearly from
+``momentum_warmup_start`` over ``momentum_warmup_steps``. Parameter split and learning rates as the
+reference: tied embedding at ``tied_embed_lr`` (``embed_lr`` when untied), ``head_lr`` for an untied head,
+``matrix_lr`` for 2-D block weights, ``scalar_lr`` for everything else.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pgolf_core.config.fields import non_negative, param, positive
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.model.layers import is_control_tensor
+from pgolf_core.optim import OptimizerSet
+from pgolf_core.registry import Technique
+
+
+@attrs.define(frozen=True, kw_only=True)
+class MuonParams:
+    embed_lr: float = param(0.6, help="Adam LR of an untied token embedding", env="EMBED_LR", validator=non_negative)
+    head_lr: float = param(0.008, help="Adam LR of an untied output head", env="HEAD_LR", validator=non_negative)
+    tied_embed_lr: float = param(0.05, help="Adam LR of the tied token embedding", env="TIED_EMBED_LR", validator=non_negative)
+    matrix_lr: float = param(0.04, help="Muon LR of 2-D block weights", env="MATRIX_LR", validator=non_negative)
+    scalar_lr: float = param(0.04, help="Adam LR of vectors, scalars and control tensors", env="SCALAR_LR", validator=non_negative)
+    momentum: float = param(0.95, help="Muon momentum after warmup", env="MUON_MOMENTUM", validator=non_negative)
+    backend_steps: int = param(5, help="Newton-Schulz iterations", env="MUON_BACKEND_STEPS", validator=positive)
+    momentum_warmup_start: float = param(0.85, help="Muon momentum at step 0", env="MUON_MOMENTUM_WARMUP_START")
+    momentum_warmup_steps: int = param(500, help="steps of linear momentum warmup", env="MUON_MOMENTUM_WARMUP_STEPS", validator=non_negative)
+    beta1: float = param(0.9, help="Adam beta1", env="BETA1")
+    beta2: float = param(0.95, help="Adam beta2", env="BETA2")
+    adam_eps: float = param(1e-8, help="Adam epsilon", env="ADAM_EPS", validator=positive)
+    grad_clip_norm: float = param(0.0, help="global grad-norm clip; 0 disables", env="GRAD_CLIP_NORM", validator=non_negative)
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise a 2-D matrix with the quintic Newton–Schulz iteration, in bf16."""
+    a, b, c = (3.4445, -4.7750, 2.0315)
+    X = G.bfloat16()
+    X /= X.norm() + eps
+    transposed = G.size(0) > G.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True, zeropower=None) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+        self._zeropower = zeropower or zeropower_via_newtonschulz5
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            lr, momentum = group["lr"], group["momentum"]
+            total = sum(int(p.numel()) for p in params)
+            updates_flat = torch.zeros(total, device=params[0].device, dtype=torch.bfloat16)
+            curr = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    g = p.grad
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(g)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(momentum).add_(g)
+                    if group["nesterov"]:
+                        g = g.add(buf, alpha=momentum)
+                    g = self._zeropower(g, steps=group["backend_steps"])
+                    g *= max(1, g.size(0) / g.size(1)) ** 0.5
+                    updates_flat[curr : curr + p.numel()] = g.reshape(-1)
+                curr += p.numel()
+            if distributed:
+                dist.all_reduce(updates_flat, op=dist.ReduceOp.SUM)
+            curr = 0
+            for p in params:
+                g = updates_flat[curr : curr + p.numel()].view_as(p).to(dtype=p.dtype)
+                p.add_(g, alpha=-lr)
+                curr += p.numel()
+        return None
+
+
+class MuonAdamSet(OptimizerSet):
+    def __init__(self, optimizers, muon: Muon, params: MuonParams) -> None:
+        super().__init__(optimizers, params.grad_clip_norm)
+        self.muon = muon
+        self.params = params
+
+    def before_step(self, step: int) -> None:
+        p = self.params
+        frac = min(step / p.momentum_warmup_steps, 1.0) if p.momentum_warmup_steps > 0 else 1.0
+        momentum = (1 - frac) * p.momentum_warmup_start + frac * p.momentum
+        for group in self.muon.param_groups:
+            group["momentum"] = momentum
+
+
+def build(params: MuonParams, ctx):
+    tied = ctx.model.tie_embeddings
+
+    def make(model, runtime) -> MuonAdamSet:
+        block_named = list(model.block_named_parameters())
+        matrix = [p for n, p in block_named if p.ndim == 2 and not is_control_tensor(n)]
+        scalar = [p for n, p in block_named if p.ndim < 2 or is_control_tensor(n)]
+        scalar += [p for _, p in model.other_named_parameters()]
+        adam = dict(betas=(params.beta1, params.beta2), eps=params.adam_eps, fused=True)
+        token_lr = params.tied_embed_lr if tied else params.embed_lr
+        opt_tok = torch.optim.Adam([{"params": [model.token_embedding()], "lr": token_lr}], **adam)
+        zeropower = torch.compile(zeropower_via_newtonschulz5) if runtime.compile else zeropower_via_newtonschulz5
+        opt_muon = Muon(matrix, lr=params.matrix_lr, momentum=params.momentum, backend_steps=params.backend_steps, zeropower=zeropower)
+        opt_scalar = torch.optim.Adam([{"params": scalar, "lr": params.scalar_lr}], **adam)
+        optimizers = [opt_tok, opt_muon, opt_scalar]
+        head = model.head_parameters()
+        if head:
+            optimizers.insert(1, torch.optim.Adam([{"params": head, "lr": params.head_lr}], **adam))
+        return MuonAdamSet(optimizers, opt_muon, params)
+
+    return make
+
+
+@hookimpl
+def pgolf_register_techniques(register) -> None:
+    register(
+        Technique(
+            name="muon",
+            slot="optimizer",
+            params=MuonParams,
+            build=build,
+            summary="Muon (Newton-Schulz, rank round-robin) for block matrices + Adam for embedding/head/scalars",
+            source="https://github.com/openai/parameter-golf/blob/main/train_gpt.py",
+            example='[optimizer]\nuse = "muon"\nmatrix_lr = 0.04\nscalar_lr = 0.04\ntied_embed_lr = 0.05',
+        )
+    )

@@ -1,0 +1,70 @@
+"""Shared test helpers: paths to the fixtures, running the CLI in a subprocess, reading logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+FIXTURE_1024 = SHARED / "data" / "fixture_sp1024"
+FIXTURE_4096 = SHARED / "data" / "fixture_sp4096"
+TOKENIZER_1024 = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+TOKENIZER_4096 = SHARED / "data" / "tokenizers" / "fineweb_4096_bpe.model"
+PARITY = SHARED / "parity"
+STACKS = REPO / "stacks"
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR")}
+    full_env.setdefault("PGOLF_CACHE", str(cwd / ".cache"))
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "pgolf", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def parity_case(name: str, case: str) -> dict:
+    return json.loads((PARITY / f"{name}.json").read_text())[case]
+
+
+def legacy_env(case: dict, data: Path, tokenizer: Path) -> dict[str, str]:
+    env = {k.upper(): v for k, v in case["env"].items()}
+    env["DATA_PATH"] = str(data)
+    env["TOKENIZER_PATH"] = str(tokenizer)
+    return env
+
+
+@pytest.fixture
+def registry():
+    from pgolf_core.registry import default_registry
+
+    return default_registry()
+
+
+def tiny_stack(registry, *overrides: str, path: Path | None = None):
+    """The baseline stack at a tiny size on the shared sp1024 fixture, with extra ``--set`` overrides."""
+    from pgolf_core.config import load_stack
+
+    base = [
+        "model.num_layers=4",
+        "model.model_dim=64",
+        "model.num_heads=4",
+        "model.num_kv_heads=2",
+        "data.train_seq_len=64",
+        "data.train_batch_tokens=4096",
+        "data.val_batch_size=8192",
+        f'data.path="{FIXTURE_1024}"',
+        f'data.tokenizer="{TOKENIZER_1024}"',
+        "run.iterations=2",
+        "run.warmup_steps=0",
+        "run.max_wallclock_seconds=0.0",
+        "run.val_loss_every=0",
+        "run.train_log_every=1",
+    ]
+    return load_stack(path or STACKS / "baseline.toml", registry, overrides=[*base, *overrides])
