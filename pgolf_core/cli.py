@@ -65,26 +65,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .rundir import RunDir, new_run_id
     from .runtime import broadcast_str, setup_runtime
-    from .train import run_training
+    from .train import load_data, run_training
 
     runtime = setup_runtime(stack)
-    run_id = stack.run.run_id or os.environ.get("PGOLF_RUN_ID") or new_run_id(stack.meta.name or Path(stack.path).stem)
-    run_id = broadcast_str(run_id, runtime)
-    rundir = RunDir(stack.run.out_dir, run_id, runtime.is_master)
     try:
+        data_files = load_data(stack, runtime.device)  # bad data fails here, before anything is written
+        run_id = stack.run.run_id or os.environ.get("PGOLF_RUN_ID") or new_run_id(stack.meta.name or Path(stack.path).stem)
+        rundir = RunDir(stack.run.out_dir, broadcast_str(run_id, runtime), runtime.is_master)
         rundir.open()
         if runtime.is_master:
             print(f"run directory: {rundir.path}", file=sys.stderr)
-        run_training(stack, registry, runtime, rundir)
-    except BaseException as exc:
-        reason = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
-        failed = rundir.fail(reason)
-        if failed is not None:
-            print(f"run failed; log kept in {failed}", file=sys.stderr)
-        raise
+        try:
+            run_training(stack, registry, runtime, rundir, data_files)
+        except BaseException as exc:
+            reason = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
+            failed = rundir.fail(reason)
+            if failed is not None:
+                print(f"run failed; log kept in {failed}", file=sys.stderr)
+            raise
+        final = rundir.finish()
     finally:
         runtime.shutdown()
-    final = rundir.finish()
     if runtime.is_master:
         print(f"run complete: {final}", file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ import json
 import platform
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -26,7 +27,7 @@ from . import __version__
 from .artifact import build_artifact, code_bytes, load_artifact
 from .config.dump import stack_to_toml
 from .config.schema import Stack
-from .data import TRAIN_PATTERN, VAL_PATTERN, DistributedTokenLoader, load_validation_tokens, shard_files
+from .data import TRAIN_PATTERN, VAL_PATTERN, DistributedTokenLoader, load_validation_tokens, read_shard_header, shard_files
 from .errors import BudgetError, DataError
 from .evaluate import EvalEnv, ValData, eval_val
 from .model.gpt import build_model, count_parameters
@@ -94,7 +95,29 @@ def build_slot(stack: Stack, registry: Registry, slot: str) -> Any:
     return reg.technique.build(stack.params(slot), ctx)
 
 
-def run_training(stack: Stack, registry: Registry, runtime: Runtime, rundir: RunDir) -> dict[str, Any]:
+@attrs.define
+class DataFiles:
+    """Everything read from disk before a run starts, so bad data fails before anything is written."""
+
+    data_path: str
+    tokenizer_path: str
+    train_files: list[Path]
+    val: ValData
+
+
+def load_data(stack: Stack, device: torch.device) -> DataFiles:
+    data_path, tok_path = resolve_data_paths(stack)
+    vocab = stack.model.vocab_size
+    sp = load_tokenizer(tok_path, vocab)
+    train_files = shard_files(data_path, TRAIN_PATTERN, "training")
+    for f in train_files:
+        read_shard_header(f)
+    val_files = shard_files(data_path, VAL_PATTERN, "validation")
+    val_tokens = load_validation_tokens(val_files, stack.data.train_seq_len, vocab)
+    return DataFiles(data_path, tok_path, train_files, ValData(val_tokens, *byte_luts(sp, vocab, device)))
+
+
+def run_training(stack: Stack, registry: Registry, runtime: Runtime, rundir: RunDir, data_files: DataFiles) -> dict[str, Any]:
     log = rundir.log
     args, data = stack.run, stack.data
     resolved_toml = stack_to_toml(stack)
@@ -110,22 +133,16 @@ def run_training(stack: Stack, registry: Registry, runtime: Runtime, rundir: Run
         log(f"legacy_env: {line}")
     log("=" * 100, console=False)
 
-    # Tokenizer and validation metric --------------------------------------------------------------------
     seed_everything(args.seed)
     device = runtime.device
-    data_path, tok_path = resolve_data_paths(stack)
-    vocab = stack.model.vocab_size
-    sp = load_tokenizer(tok_path, vocab)
-    train_files = shard_files(data_path, TRAIN_PATTERN, "training")
-    val_files = shard_files(data_path, VAL_PATTERN, "validation")
-    val_tokens = load_validation_tokens(val_files, data.train_seq_len, vocab)
-    val = ValData(val_tokens, *byte_luts(sp, vocab, device))
+    val = data_files.val
     eval_env = EvalEnv(
         val, data.train_seq_len, data.val_batch_size, runtime.grad_accum_steps, runtime.rank, runtime.world_size, device, runtime.autocast
     )
-    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={tok_path}")
-    log(f"train_loader:dataset:{data_path.rstrip('/').split('/')[-1]} train_shards:{len(train_files)}")
-    log(f"val_loader:shards pattern={data_path}/{VAL_PATTERN} tokens:{val_tokens.numel() - 1}")
+    train_files, data_path, vocab = data_files.train_files, data_files.data_path, stack.model.vocab_size
+    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={data_files.tokenizer_path}")
+    log(f"train_loader:dataset:{Path(data_path).name} train_shards:{len(train_files)}")
+    log(f"val_loader:shards pattern={data_path}/{VAL_PATTERN} tokens:{val.tokens.numel() - 1}")
 
     # Model and optimizers -------------------------------------------------------------------------------
     base_model, modifier_objects = build_model(stack, registry)

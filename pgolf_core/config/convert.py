@@ -108,15 +108,31 @@ def structure_table(table: dict[str, Any], cls: type, path: str) -> tuple[Any, l
     try:
         instance = CONVERTER.structure(clean, cls)
     except cattrs.ClassValidationError as exc:
+        bad = set()
         for line in cattrs.transform_error(exc, path="$", format_exception=_format_exception):
             message, _, where = line.rpartition(" @ ")
             key = where[2:] if where.startswith("$.") else where
+            bad.add(key)
             problems.append((f"{path}.{key}" if key and key != "$" else path, message))
+        problems += _validate_fields(clean, cls, path, skip=bad)
         return None, problems
     except (ValueError, TypeError) as exc:  # attrs validators (ranges, choices) raise from __init__
         problems.append((path + _field_in(str(exc), known), str(exc)))
         return None, problems
     return (instance if not problems else None), problems
+
+
+def _validate_fields(values: dict[str, Any], cls: type, path: str, skip: set[str]) -> list[tuple[str, str]]:
+    """Run the field validators of the well-typed values, so range errors show up beside type errors."""
+    found = []
+    for a in attrs.fields(cls):
+        if a.name in skip or a.name not in values or a.validator is None:
+            continue
+        try:
+            a.validator(None, a, CONVERTER.structure(values[a.name], a.type))
+        except (ValueError, TypeError, cattrs.BaseValidationError) as exc:
+            found.append((f"{path}.{a.name}", str(exc)))
+    return found
 
 
 def _field_in(message: str, known: list[str]) -> str:

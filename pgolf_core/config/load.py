@@ -68,7 +68,7 @@ def _find_line(text: str, table: str, key: str, array_index: int | None) -> int 
 
 def _read_toml(path: Path, display: str, source: _Source, chain: list[Path]) -> dict[str, Any]:
     if not path.is_file():
-        hint = " (built-in stacks: pgolf list-stacks)" if not chain else ""
+        hint = " (bundled stacks: 'pgolf stacks')" if not chain else ""
         where = f"{chain[-1]}: extends " if chain else ""
         raise ConfigError(f"{where}{display}: stack file not found{hint}")
     text = path.read_text(encoding="utf-8")

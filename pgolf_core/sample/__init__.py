@@ -71,14 +71,13 @@ def build_sample(value: str) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     sp = spm.SentencePieceProcessor(model_file=str(model))
-    train: list[int] = []
-    val: list[int] = []
-    for i, doc in enumerate(documents()):
-        ids = [sp.bos_id(), *sp.encode(doc)]
-        (val if i % VAL_EVERY == 0 else train).extend(ids)
-    train_arr = np.asarray(train, dtype=np.uint16)
-    for k, part in enumerate(np.array_split(train_arr, TRAIN_SHARDS)):
-        write_shard(out / f"fineweb_train_{k:06d}.bin", part)
-    write_shard(out / "fineweb_val_000000.bin", np.asarray(val, dtype=np.uint16))
+    encoded = [[sp.bos_id(), *sp.encode(doc)] for doc in documents()]
+    val = [ids for i, ids in enumerate(encoded) if i % VAL_EVERY == 0]
+    train = [ids for i, ids in enumerate(encoded) if i % VAL_EVERY != 0]
+    per_shard = -(-len(train) // TRAIN_SHARDS)  # whole documents per shard, so every shard starts with BOS
+    for k in range(TRAIN_SHARDS):
+        docs = train[k * per_shard : (k + 1) * per_shard]
+        write_shard(out / f"fineweb_train_{k:06d}.bin", np.asarray([t for ids in docs for t in ids], dtype=np.uint16))
+    write_shard(out / "fineweb_val_000000.bin", np.asarray([t for ids in val for t in ids], dtype=np.uint16))
     (out / "COMPLETE").write_text(digest + "\n")
     return out

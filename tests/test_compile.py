@@ -1,0 +1,31 @@
+"""Every shipped stack's model compiles with torch.compile(fullgraph=True): no plugin code runs in forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import STACKS, tiny_stack
+from pgolf_core.model.gpt import build_model
+
+SHIPPED = sorted(STACKS.glob("*.toml"))
+
+
+def test_stacks_are_shipped():
+    assert {p.stem for p in SHIPPED} >= {"baseline", "sample"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_stack_model_compiles_fullgraph(registry, path):
+    torch._dynamo.reset()
+    stack = tiny_stack(registry, path=path)
+    torch.manual_seed(0)
+    model, _ = build_model(stack, registry)
+    x = torch.randint(0, stack.model.vocab_size, (2, 16))
+    y = torch.randint(0, stack.model.vocab_size, (2, 16))
+    eager = model(x, y)
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    loss = compiled(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss, eager)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
