@@ -63,7 +63,9 @@ def eval_val(model: nn.Module, env: EvalEnv) -> tuple[float, float]:
     byte_count = torch.zeros((), device=env.device, dtype=torch.float64)
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
+    # no_grad rather than the reference's inference_mode: same numbers, but tensors cached during eval
+    # (RoPE tables) stay usable by training afterwards, also when a run has no warmup steps.
+    with torch.no_grad():
         for batch_start in range(seq_start, seq_end, local_batch_seqs):
             batch_end = min(batch_start + local_batch_seqs, seq_end)
             local = tokens[batch_start * seq_len : batch_end * seq_len + 1].to(device=env.device, dtype=torch.int64, non_blocking=True)

@@ -41,7 +41,7 @@ data for ``pgolf list``)::
     blob    = compressor.compress(serialize(quantizer.quantize(weights)))
     size accounting (code + blob) against the cap; write artifact
     model.load(quantizer.dequantize(deserialize(compressor.decompress(read(artifact)))))
-    evaluator.evaluate(model)                             # evaluator slot -> final_* lines, submission.json
+    evaluator.evaluate(model, env, quant, comp)           # evaluator slot -> final_* lines, submission.json
 
 Loop events reach two audiences, always outside the compiled step: the *objects built for the stack*
 (in stack order: slots first, then modifiers) when they define ``on_train_start``,
@@ -88,7 +88,11 @@ SLOTS: dict[str, SlotContract] = {
         SlotContract("averaging", "build(params, ctx)", "object with export_weights(model) -> state_dict; may hook loop events"),
         SlotContract("quantizer", "build(params, ctx)", "object with quantize(state_dict) -> (obj, stats), dequantize(obj) -> state_dict, label"),
         SlotContract("compressor", "build(params, ctx)", "object with compress(bytes) -> bytes, decompress(bytes) -> bytes, label"),
-        SlotContract("evaluator", "build(params, ctx)", "object with evaluate(model, val) -> (val_loss, val_bpb) and final_label(quant, comp)"),
+        SlotContract(
+            "evaluator",
+            "build(params, ctx)",
+            "object with evaluate(model, eval_env, quant_label, comp_label) -> [(final line name, val_loss, val_bpb), ...] and compliant: bool",
+        ),
         SlotContract("modifier", "build(params, ctx)", "object with transform(spec, layers): rewrites the ModelSpec before modules are built", required=False),
     )
 }

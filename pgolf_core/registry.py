@@ -40,6 +40,7 @@ class Technique:
     conflicts: tuple[str, ...] = ()
     example: str = ""
     compile_safe: bool = True
+    hookspec_version: int = hookspecs.HOOKSPEC_VERSION
 
     def __attrs_post_init__(self) -> None:
         if self.slot not in hookspecs.SLOTS:
@@ -78,6 +79,16 @@ class Registry:
     # -- registration -------------------------------------------------------------------------------
     def _register(self, technique: Technique) -> None:
         dist, version, module = self._current
+        if technique.hookspec_version != hookspecs.HOOKSPEC_VERSION:
+            self.failures.append(
+                PluginFailure(
+                    module,
+                    f"{dist} {version}",
+                    f"technique '{technique.name}' targets hook version {technique.hookspec_version}, this pgolf provides "
+                    f"{hookspecs.HOOKSPEC_VERSION}; upgrade the plugin or pgolf",
+                )
+            )
+            return
         key = (technique.slot, technique.name)
         if key in self._by_key:
             other = self._by_key[key]

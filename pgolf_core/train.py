@@ -14,6 +14,7 @@ import json
 import platform
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,9 @@ def run_training(stack: Stack, registry: Registry, runtime: Runtime, rundir: Run
     cast_for_device(base_model, runtime.bf16)
     compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if runtime.compile else base_model
     if runtime.distributed:
-        model: nn.Module = DDP(compiled, device_ids=[runtime.local_rank] if runtime.is_cuda else None, broadcast_buffers=False)
+        with warnings.catch_warnings():  # the reference's broadcast_buffers=False, kept for identical behaviour
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            model: nn.Module = DDP(compiled, device_ids=[runtime.local_rank] if runtime.is_cuda else None, broadcast_buffers=False)
     else:
         model = compiled
     optimizers = build_slot(stack, registry, "optimizer")(base_model, runtime)

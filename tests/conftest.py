@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("PGOLF_SHARED") or REPO.parent / "shared")
 FIXTURE_1024 = SHARED / "data" / "fixture_sp1024"
 FIXTURE_4096 = SHARED / "data" / "fixture_sp4096"
 TOKENIZER_1024 = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model"

@@ -83,3 +83,20 @@ def test_bad_data_fails_before_anything_is_written(tmp_path):
 def test_batch_geometry_error_at_launch_is_one_line(tmp_path):
     proc = run_cli(["run", "sample", "--set", "run.grad_accum_base=3"], tmp_path)
     assert proc.returncode == 2 and "not divisible" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_torchrun_module_entry_two_processes(tmp_path):
+    """`torchrun -m pgolf run STACK` (no launcher of ours): ranks agree on the run id, rank 0 writes."""
+    import subprocess
+    import sys
+
+    from conftest import run_cli  # noqa: F401  (same environment policy as the CLI tests)
+
+    env = {"PATH": __import__("os").environ["PATH"], "PGOLF_CACHE": str(tmp_path / ".cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pgolf", "run", "sample",
+           "--set", "run.iterations=2", "--set", "run.warmup_steps=0"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    log = (run_dir / "log.txt").read_text()
+    assert "world_size:2 grad_accum_steps:4" in log and "final_int8_zlib_roundtrip_exact" in log

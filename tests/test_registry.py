@@ -114,3 +114,20 @@ def test_same_seed_same_weights(registry):
     b, _ = build_model(stack, registry)
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(pa, pb)
+
+
+def test_technique_built_for_another_hook_version_is_refused_with_its_name():
+    import types
+
+    from pgolf_core.hookspecs import hookimpl
+
+    def impl(register):
+        register(Technique(name="old", slot="compressor", params=ZlibParams, build=lambda p, c: None, summary="x", hookspec_version=0))
+
+    plugin = types.ModuleType("plug_old")
+    plugin.pgolf_register_techniques = hookimpl(impl)
+    reg = Registry()
+    reg.add_plugin(plugin, distribution="pgolf-old", version="0.1")
+    assert reg.get("compressor", "old") is None
+    (failure,) = reg.failures
+    assert failure.distribution == "pgolf-old 0.1" and "targets hook version 0" in failure.error
