@@ -3,6 +3,11 @@
 From the official baseline ``train_gpt.py`` (openai/parameter-golf): q, k, v projections (k/v with
 ``num_kv_heads`` heads), RMSNorm on q and k, rotary embedding, ``q *= q_gain``, SDPA with causal mask and
 ``enable_gqa``, zero-initialised output projection.
+
+Options modifiers may set (see ``pgolf_core.model.spec``): ``rope`` = (rope_dims, ntk_seq_len) from
+``partial_rope``; ``xsa`` = XSA settings from ``xsa``; ``value_embed`` = the ``aux`` key of a tensor added
+to the value projection (from ``value_embedding``); ``canon_b`` = factory of a module applied to
+concat(q, k, v) right after the projections (from ``canon``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,36 @@ class GQAParams:
     qk_gain_init: float = param(1.5, help="initial value of the per-head query gain", env="QK_GAIN_INIT")
 
 
+def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along the token's own (unit) value vector.
+
+    ``y``: (B, H, T, D) attention output; ``v``: (B, Hkv, T, D). Query head h uses KV head h // (H/Hkv).
+    """
+    bsz, heads, seqlen, dim = y.shape
+    kv_heads = v.size(1)
+    y_g = y.reshape(bsz, kv_heads, heads // kv_heads, seqlen, dim)
+    vn = F.normalize(v, dim=-1).unsqueeze(2)
+    proj = (y_g * vn).sum(dim=-1, keepdim=True) * vn
+    return (y_g - proj).reshape(bsz, heads, seqlen, dim)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        rope_base: float,
+        qk_gain_init: float,
+        rope_dims: int = 0,
+        ntk_seq_len: int = 0,
+        xsa: bool = False,
+        xsa_gate_init: float | None = None,
+        value_embed_key: str | None = None,
+        canon_b=None,
+    ) -> None:
         super().__init__()
+        self.value_embed_key = value_embed_key
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = dim // num_heads
@@ -36,13 +68,22 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(dim, kv_dim, bias=False)
         self.proj = zero_init(CastedLinear(dim, dim, bias=False))
         self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, base=rope_base)
+        self.rotary = Rotary(self.head_dim, base=rope_base, rope_dims=rope_dims, ntk_seq_len=ntk_seq_len)
+        self.use_xsa = xsa
+        self.xsa_gate = nn.Parameter(torch.tensor(xsa_gate_init, dtype=torch.float32)) if xsa and xsa_gate_init is not None else None
+        self.canon_b = canon_b() if canon_b is not None else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
         bsz, seqlen, dim = x.shape
-        q = self.c_q(x).reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if self.value_embed_key is not None and aux is not None:
+            v = v + aux[self.value_embed_key]
+        if self.canon_b is not None:
+            kv_dim = self.num_kv_heads * self.head_dim
+            q, k, v = self.canon_b(torch.cat([q, k, v], dim=-1)).split((dim, kv_dim, kv_dim), dim=-1)
+        q = q.reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = F.rms_norm(q, (q.size(-1),))
         k = F.rms_norm(k, (k.size(-1),))
         cos, sin = self.rotary(seqlen, x.device, q.dtype)
@@ -52,13 +93,33 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None, is_causal=True, enable_gqa=(self.num_kv_heads != self.num_heads)
         )
+        if self.use_xsa:
+            y_xsa = exclusive_self_attention(y, v)
+            if self.xsa_gate is not None:
+                y = y + torch.sigmoid(self.xsa_gate.to(dtype=y.dtype)) * (y_xsa - y)
+            else:
+                y = y_xsa
         y = y.transpose(1, 2).contiguous().reshape(bsz, seqlen, dim)
         return self.proj(y)
 
 
 def build(params: GQAParams, ctx) -> CausalSelfAttention:
     m = ctx.model
-    return CausalSelfAttention(m.model_dim, m.num_heads, m.num_kv_heads, params.rope_base, params.qk_gain_init)
+    rope_dims, ntk_seq_len = ctx.option("rope", (0, 0))
+    xsa = ctx.option("xsa")
+    return CausalSelfAttention(
+        m.model_dim,
+        m.num_heads,
+        m.num_kv_heads,
+        params.rope_base,
+        params.qk_gain_init,
+        rope_dims=rope_dims,
+        ntk_seq_len=ntk_seq_len,
+        xsa=xsa is not None,
+        xsa_gate_init=xsa.gate_init if xsa is not None and xsa.learnable_gate else None,
+        value_embed_key=ctx.option("value_embed"),
+        canon_b=ctx.option("canon_b"),
+    )
 
 
 @hookimpl

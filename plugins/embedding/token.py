@@ -2,6 +2,10 @@
 
 The table is created first in the model (its default N(0, 1) init draws from the RNG before anything else);
 the init slot later re-draws it with the tied-embedding std.
+
+Options modifiers may set: ``input_addend`` = (name, factory) for a module added to the table lookup before
+the norm (BigramHash), ``post_norm`` = (name, factory) for a transform after it (SmearGate). The modules
+are created in that order, after the table, as in the #315 line of records.
 """
 
 from __future__ import annotations
@@ -20,17 +24,29 @@ class TokenEmbeddingParams:
 
 
 class TokenEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, dim: int) -> None:
+    def __init__(self, vocab_size: int, dim: int, input_addend=None, post_norm=None) -> None:
         super().__init__()
         self.tok_emb = nn.Embedding(vocab_size, dim)
+        self.addend_name = self.post_name = None
+        if input_addend is not None:
+            self.addend_name = input_addend[0]
+            self.add_module(input_addend[0], input_addend[1]())
+        if post_norm is not None:
+            self.post_name = post_norm[0]
+            self.add_module(post_norm[0], post_norm[1]())
 
     def forward(self, input_ids: Tensor) -> Tensor:
         x = self.tok_emb(input_ids)
-        return F.rms_norm(x, (x.size(-1),))
+        if self.addend_name is not None:
+            x = x + getattr(self, self.addend_name)(input_ids)
+        x = F.rms_norm(x, (x.size(-1),))
+        if self.post_name is not None:
+            x = getattr(self, self.post_name)(x)
+        return x
 
 
 def build(params: TokenEmbeddingParams, ctx) -> TokenEmbedding:
-    return TokenEmbedding(ctx.model.vocab_size, ctx.model.model_dim)
+    return TokenEmbedding(ctx.model.vocab_size, ctx.model.model_dim, ctx.option("input_addend"), ctx.option("post_norm"))
 
 
 @hookimpl

@@ -6,6 +6,8 @@ The official baseline ``train_gpt.py`` scores its round-tripped artifact this wa
 
 from __future__ import annotations
 
+import time
+
 import attrs
 
 from pgolf_core.config.fields import param
@@ -29,9 +31,10 @@ class FullVal:
     def __init__(self, params: FullValParams) -> None:
         self.label = params.label
 
-    def evaluate(self, model, env, quant: str, comp: str) -> list[tuple[str, float, float]]:
+    def evaluate(self, model, env, quant: str, comp: str) -> list[tuple[str, float, float, float, str]]:
+        t0 = time.perf_counter()
         val_loss, val_bpb = eval_val(model, env)
-        return [(self.label.format(quant=quant, comp=comp), val_loss, val_bpb)]
+        return [(self.label.format(quant=quant, comp=comp), val_loss, val_bpb, 1000.0 * (time.perf_counter() - t0), "")]
 
 
 def build(params: FullValParams, ctx) -> FullVal:

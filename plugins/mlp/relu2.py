@@ -2,6 +2,8 @@
 
 From the official baseline ``train_gpt.py`` (after modded-nanogpt). The hidden width is
 ``int(mult * model_dim)``; the baseline uses an integer multiplier, later records a float one.
+
+Options modifiers may set: ``canon_d`` = factory of a module applied to relu(fc(x)) before the square.
 """
 
 from __future__ import annotations
@@ -22,18 +24,21 @@ class Relu2Params:
 
 
 class Relu2MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, canon_d=None) -> None:
         super().__init__()
         self.fc = CastedLinear(dim, hidden, bias=False)
         self.proj = zero_init(CastedLinear(hidden, dim, bias=False))
+        self.canon_d = canon_d() if canon_d is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = torch.relu(self.fc(x))
+        if self.canon_d is not None:
+            x = self.canon_d(x)
         return self.proj(x.square())
 
 
 def build(params: Relu2Params, ctx) -> Relu2MLP:
-    return Relu2MLP(ctx.model.model_dim, int(params.mult * ctx.model.model_dim))
+    return Relu2MLP(ctx.model.model_dim, int(params.mult * ctx.model.model_dim), ctx.option("canon_d"))
 
 
 @hookimpl

@@ -6,6 +6,11 @@ matrices are assigned round-robin to ranks and the updates all-reduced. Momentum
 ``momentum_warmup_start`` over ``momentum_warmup_steps``. Parameter split and learning rates as the
 reference: tied embedding at ``tied_embed_lr`` (``embed_lr`` when untied), ``head_lr`` for an untied head,
 ``matrix_lr`` for 2-D block weights, ``scalar_lr`` for everything else.
+
+Decoupled weight decay (the #315 line of records, PRs #400/#450): Muon applies ``p *= 1 - lr*weight_decay``
+before each update, and the token/scalar groups become AdamW with ``adam_wd``. Parameters outside the
+blocks are grouped as those records do: embedding tables (BigramHash, value embeddings) with the token
+embedding, other 2-D weights to Muon, the rest with the scalars.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import attrs
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from pgolf_core.config.fields import non_negative, param, positive
 from pgolf_core.hookspecs import hookimpl
@@ -37,6 +42,8 @@ class MuonParams:
     beta2: float = param(0.95, help="Adam beta2", env="BETA2")
     adam_eps: float = param(1e-8, help="Adam epsilon", env="ADAM_EPS", validator=positive)
     grad_clip_norm: float = param(0.0, help="global grad-norm clip; 0 disables", env="GRAD_CLIP_NORM", validator=non_negative)
+    weight_decay: float = param(0.0, help="Muon decoupled weight decay (scaled by the scheduled lr)", env=("MUON_WD", "MUON_WEIGHT_DECAY"), validator=non_negative)
+    adam_wd: float = param(0.0, help="AdamW weight decay of the token and scalar groups; 0 keeps plain Adam", env=("ADAM_WD", "ADAM_WEIGHT_DECAY"), validator=non_negative)
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -> Tensor:
@@ -55,8 +62,10 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True, zeropower=None) -> None:
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+    def __init__(
+        self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True, weight_decay: float = 0.0, zeropower=None
+    ) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov, weight_decay=weight_decay))
         self._zeropower = zeropower or zeropower_via_newtonschulz5
 
     @torch.no_grad()
@@ -88,8 +97,11 @@ class Muon(torch.optim.Optimizer):
                 curr += p.numel()
             if distributed:
                 dist.all_reduce(updates_flat, op=dist.ReduceOp.SUM)
+            wd = group.get("weight_decay", 0.0)
             curr = 0
             for p in params:
+                if wd > 0.0:
+                    p.data.mul_(1.0 - lr * wd)
                 g = updates_flat[curr : curr + p.numel()].view_as(p).to(dtype=p.dtype)
                 p.add_(g, alpha=-lr)
                 curr += p.numel()
@@ -116,18 +128,33 @@ def build(params: MuonParams, ctx):
     def make(model, runtime) -> MuonAdamSet:
         block_named = list(model.block_named_parameters())
         matrix = [p for n, p in block_named if p.ndim == 2 and not is_control_tensor(n)]
-        scalar = [p for n, p in block_named if p.ndim < 2 or is_control_tensor(n)]
-        scalar += [p for _, p in model.other_named_parameters()]
+        scalar = [p for n, p in block_named if not (p.ndim == 2 and not is_control_tensor(n))]
+        tables = [model.token_embedding()]
+        embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        for name, p in model.other_named_parameters():
+            if id(p) in embedding_ids:
+                tables.append(p)
+            elif p.ndim == 2 and not is_control_tensor(name):
+                matrix.append(p)
+            else:
+                scalar.append(p)
+        adam_cls = torch.optim.AdamW if params.adam_wd > 0 else torch.optim.Adam
         adam = dict(betas=(params.beta1, params.beta2), eps=params.adam_eps, fused=True)
+        if params.adam_wd > 0:
+            adam["weight_decay"] = params.adam_wd
         token_lr = params.tied_embed_lr if tied else params.embed_lr
-        opt_tok = torch.optim.Adam([{"params": [model.token_embedding()], "lr": token_lr}], **adam)
+        opt_tok = adam_cls([{"params": [t], "lr": token_lr} for t in tables], **adam)
         zeropower = torch.compile(zeropower_via_newtonschulz5) if runtime.compile else zeropower_via_newtonschulz5
-        opt_muon = Muon(matrix, lr=params.matrix_lr, momentum=params.momentum, backend_steps=params.backend_steps, zeropower=zeropower)
-        opt_scalar = torch.optim.Adam([{"params": scalar, "lr": params.scalar_lr}], **adam)
+        opt_muon = Muon(
+            matrix, lr=params.matrix_lr, momentum=params.momentum, backend_steps=params.backend_steps,
+            weight_decay=params.weight_decay, zeropower=zeropower,
+        )
+        opt_scalar = adam_cls([{"params": scalar, "lr": params.scalar_lr}], **adam)
         optimizers = [opt_tok, opt_muon, opt_scalar]
         head = model.head_parameters()
         if head:
-            optimizers.insert(1, torch.optim.Adam([{"params": head, "lr": params.head_lr}], **adam))
+            head_adam = dict(betas=(params.beta1, params.beta2), eps=params.adam_eps, fused=True)
+            optimizers.insert(1, torch.optim.Adam([{"params": head, "lr": params.head_lr}], **head_adam))
         return MuonAdamSet(optimizers, opt_muon, params)
 
     return make

@@ -27,15 +27,16 @@ class UNetSkips(nn.Module):
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, dim, dtype=torch.float32))
 
-    def forward(self, x: Tensor, x0: Tensor, blocks: nn.ModuleList) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, blocks: nn.ModuleList, aux: dict[str, Tensor] | None = None) -> Tensor:
+        aux = {} if aux is None else aux
         skips: list[Tensor] = []
         for i in range(self.num_encoder_layers):
-            x = blocks[i](x, x0)
+            x = blocks[i](x, x0, aux)
             skips.append(x)
         for i in range(self.num_decoder_layers):
             if skips:
                 x = x + self.skip_weights[i].to(dtype=x.dtype)[None, None, :] * skips.pop()
-            x = blocks[self.num_encoder_layers + i](x, x0)
+            x = blocks[self.num_encoder_layers + i](x, x0, aux)
         return x
 
 

@@ -1,0 +1,66 @@
+"""EMA of the weights, updated after every optimizer step and exported instead of the final weights.
+
+From the #315 record (``2026-03-21_11L_XSA4_EMA_PartialRoPE_LateQAT_1.1248``, PR #315): an fp32 copy of the
+state dict taken when training starts (after the compile warmup), ``ema = d*ema + (1-d)*w`` after each
+step, cast back to each tensor's dtype at export (log ``ema:applying EMA weights``). Periodic validation
+still scores the raw weights, as in the reference.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from pgolf_core.config.fields import in_range, param
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.registry import Technique
+
+
+@attrs.define(frozen=True, kw_only=True)
+class EMAParams:
+    decay: float = param(0.997, help="per-step decay", env="EMA_DECAY", validator=in_range(0.0, 1.0, hi_open=True))
+
+
+class EMA:
+    def __init__(self, params: EMAParams) -> None:
+        self.decay = params.decay
+        self.state: dict[str, torch.Tensor] | None = None
+        self.log = print
+
+    def on_train_start(self, state) -> None:
+        self.log = state.log
+        self.state = {k: t.detach().float().clone() for k, t in state.model.state_dict().items()}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, state) -> None:
+        d = self.decay
+        for name, t in state.model.state_dict().items():
+            self.state[name].mul_(d).add_(t.detach().float(), alpha=1.0 - d)
+
+    def export_weights(self, model):
+        if self.state is None:
+            return model.state_dict()
+        self.log("ema:applying EMA weights")
+        current = model.state_dict()
+        return {k: t.to(dtype=current[k].dtype) for k, t in self.state.items()}
+
+    def state_dict(self) -> dict:
+        return {"state": self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state["state"]
+
+
+@hookimpl
+def pgolf_register_techniques(register) -> None:
+    register(
+        Technique(
+            name="ema",
+            slot="averaging",
+            params=EMAParams,
+            build=lambda params, ctx: EMA(params),
+            summary="exponential moving average of the weights (fp32), exported instead of the final weights",
+            source="https://github.com/openai/parameter-golf/pull/315",
+            example='[averaging]\nuse = "ema"\ndecay = 0.997',
+        )
+    )

@@ -1,0 +1,51 @@
+"""SmearGate: blend each position with the previous one through a learned per-channel sigmoid gate.
+
+From the #315 line of records: ``out_t = (1 - g) x_t + g x_{t-1}``, ``g = sigmoid(gate)``, gate zero-init
+(g = 0.5), ``x_{-1} = 0``; applied once after the embedding RMSNorm. ``smear`` is a control-tensor name.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.registry import Technique
+
+
+@attrs.define(frozen=True, kw_only=True)
+class SmearGateParams:
+    """No parameters: the gate has model_dim channels."""
+
+
+class SmearGate(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate.to(dtype=x.dtype))[None, None, :]
+        x_prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return (1 - g) * x + g * x_prev
+
+
+class SmearGateModifier:
+    def transform(self, spec, layers, name) -> None:
+        dim = spec.model.model_dim
+        spec.claim("embedding", None, "post_norm", ("smear", lambda: SmearGate(dim)), by=name)
+
+
+@hookimpl
+def pgolf_register_techniques(register) -> None:
+    register(
+        Technique(
+            name="smeargate",
+            slot="modifier",
+            params=SmearGateParams,
+            build=lambda params, ctx: SmearGateModifier(),
+            summary="learned per-channel blend of each position with the previous one, after the embedding norm",
+            source="https://github.com/openai/parameter-golf/pull/315",
+            example='[[modifier]]\nuse = "smeargate"',
+        )
+    )

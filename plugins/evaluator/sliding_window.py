@@ -1,0 +1,127 @@
+"""Sliding-window evaluation: every validation token scored with (nearly) a full window of context.
+
+From the #315 line of records (``eval_val_sliding``). Windows of ``eval_seq_len`` start every ``stride``
+tokens; window ``ws`` scores its positions ``[s, wlen)`` with ``s = 0`` for the first window and
+``max(wlen - stride, 0)`` after, so consecutive windows score consecutive ``stride``-token spans. Windows
+clipped at the end of the split each re-score its last ``stride`` tokens: the reference does, so this does,
+for the same number. Ranks take contiguous blocks of windows; batches of ``batch_seqs`` windows are
+zero-padded on the right (after every scored position).
+
+Reports two lines like the reference: the non-overlapping round trip at ``eval_seq_len``
+(``final_int6_roundtrip``) and the sliding window (``final_int6_sliding_window``), the submission score.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import attrs
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pgolf_core.config.fields import non_negative, param, positive
+from pgolf_core.evaluate import eval_val
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.registry import Technique
+
+
+@attrs.define(frozen=True, kw_only=True)
+class SlidingWindowParams:
+    eval_seq_len: int = param(2048, help="window length; 0 uses data.train_seq_len", unit="tokens", env="EVAL_SEQ_LEN", validator=non_negative)
+    stride: int = param(64, help="tokens between window starts (and scored per window)", unit="tokens", env="EVAL_STRIDE", validator=positive)
+    batch_seqs: int = param(32, help="windows per forward pass", env="EVAL_BATCH_SEQS", validator=positive)
+    roundtrip_label: str = param("final_{quant}_roundtrip", help="name of the non-overlapping round-trip line")
+    label: str = param("final_{quant}_sliding_window", help="name of the sliding-window line (the submission score)")
+
+
+def window_starts(total_tokens: int, seq_len: int, stride: int) -> list[int]:
+    return [ws for ws in range(0, total_tokens, stride) if min(ws + seq_len, total_tokens) - ws >= 1]
+
+
+def eval_sliding(base_model, env, seq_len: int, stride: int, batch_seqs: int) -> tuple[float, float]:
+    val = env.val
+    tokens = val.tokens
+    device = env.device
+    total = tokens.numel() - 1
+    starts = window_starts(total, seq_len, stride)
+    mine = starts[(len(starts) * env.rank) // env.world_size : (len(starts) * (env.rank + 1)) // env.world_size]
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    token_count = torch.zeros((), device=device, dtype=torch.float64)
+    byte_count = torch.zeros((), device=device, dtype=torch.float64)
+    logits_fn = base_model.logits
+    if env.compile:
+        logits_fn = torch.compile(base_model.logits, dynamic=False, fullgraph=True)
+    was_training = base_model.training
+    base_model.eval()
+    with torch.no_grad():
+        for bi in range(0, len(mine), batch_seqs):
+            batch = mine[bi : bi + batch_seqs]
+            bsz = len(batch)
+            x = torch.zeros(bsz, seq_len, dtype=torch.int64, device=device)
+            y = torch.zeros(bsz, seq_len, dtype=torch.int64, device=device)
+            wlens = []
+            for i, ws in enumerate(batch):
+                end = min(ws + seq_len, total)
+                wlen = end - ws
+                wlens.append(wlen)
+                chunk = tokens[ws : end + 1].to(dtype=torch.int64, device=device)
+                x[i, :wlen] = chunk[:-1]
+                y[i, :wlen] = chunk[1:]
+            with env.autocast():
+                logits = logits_fn(x)
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="none").reshape(bsz, seq_len)
+            for i, ws in enumerate(batch):
+                wlen = wlens[i]
+                s = 0 if ws == 0 else max(wlen - stride, 0)
+                loss_sum += nll[i, s:wlen].to(torch.float64).sum()
+                token_count += float(wlen - s)
+                tgt, prev = y[i, s:wlen], x[i, s:wlen]
+                nbytes = val.base_bytes[tgt].to(torch.float64)
+                nbytes += (val.has_leading_space[tgt] & ~val.is_boundary[prev]).to(torch.float64)
+                byte_count += nbytes.sum()
+    if dist.is_available() and dist.is_initialized():
+        for t in (loss_sum, token_count, byte_count):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    base_model.train(was_training)
+    val_loss = (loss_sum / token_count).item()
+    return val_loss, val_loss / math.log(2.0) * (token_count.item() / byte_count.item())
+
+
+class SlidingWindow:
+    compliant = True
+    compliance_note = "each validation token is scored by the frozen model from preceding tokens only"
+
+    def __init__(self, params: SlidingWindowParams, train_seq_len: int) -> None:
+        self.params = params
+        self.eval_seq_len = params.eval_seq_len or train_seq_len
+        if params.stride > self.eval_seq_len:
+            raise ValueError(f"stride={params.stride} is larger than eval_seq_len={self.eval_seq_len}")
+
+    def evaluate(self, model, env, quant: str, comp: str):
+        p = self.params
+        results = []
+        t0 = time.perf_counter()
+        loss, bpb = eval_val(model, attrs.evolve(env, seq_len=self.eval_seq_len))
+        results.append((p.roundtrip_label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), ""))
+        if p.stride < self.eval_seq_len:
+            t0 = time.perf_counter()
+            loss, bpb = eval_sliding(env.base_model, env, self.eval_seq_len, p.stride, p.batch_seqs)
+            results.append((p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), f"stride:{p.stride}"))
+        return results
+
+
+@hookimpl
+def pgolf_register_techniques(register) -> None:
+    register(
+        Technique(
+            name="sliding_window",
+            slot="evaluator",
+            params=SlidingWindowParams,
+            build=lambda params, ctx: SlidingWindow(params, ctx.data.train_seq_len),
+            summary="round trip at eval_seq_len, then overlapping windows scoring `stride` tokens each (#315 line)",
+            source="https://github.com/openai/parameter-golf/pull/315",
+            example='[evaluator]\nuse = "sliding_window"\neval_seq_len = 2048\nstride = 64',
+        )
+    )

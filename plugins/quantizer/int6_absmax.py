@@ -1,0 +1,131 @@
+"""Mixed int6/int8 export of the #315 record and PR #450 (``mixed_quantize_int6``).
+
+Per state-dict tensor, in order:
+
+* non-float, or ``numel <= keep_float_max_numel``: stored fp16 if float (control tensors included), restored
+  to the model's dtype;
+* larger control tensors: kept fp32;
+* category (``tok_emb``/``lm_head`` → embed, ``.mlp.`` → mlp, ``.attn.`` or ``.proj.`` → attn, else other)
+  in ``int6_categories``: per-row abs-max int6, ``scale = fp16(max(row_max/31, 1/31))``, values
+  ``clamp(round(W/scale), -32, 31)``;
+* anything else: the baseline's percentile-clipped int8 per row (fp16 scales).
+
+Serialized as ``{"w": tensors, "m": meta}`` like the reference.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import Tensor
+
+from pgolf_core.config.fields import param, positive
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.model.layers import is_control_tensor
+from pgolf_core.registry import Technique
+from plugins.quantizer.int8_rowwise import Int8Rowwise, Int8RowwiseParams
+
+
+def _categories(value: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in value.split(",") if c.strip())
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Int6AbsmaxParams:
+    int6_categories: str = param("mlp,attn", help="comma list of categories quantized to int6 (embed, mlp, attn, other)", env="INT6_CATEGORIES")
+    keep_float_max_numel: int = param(65_536, help="float tensors up to this size are stored fp16", validator=positive)
+
+
+def classify(name: str) -> str:
+    if "tok_emb" in name or "lm_head" in name:
+        return "embed"
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name or (".proj." in name and ".mlp." not in name):
+        return "attn"
+    return "other"
+
+
+def quantize_int6_per_row(t: Tensor) -> tuple[Tensor, Tensor]:
+    t32 = t.float()
+    if t32.ndim == 2:
+        row_max = t32.abs().amax(dim=1)
+        scale = (row_max / 31.0).clamp_min(1.0 / 31.0).to(torch.float16)
+        q = torch.clamp(torch.round(t32 / scale.float()[:, None]), -32, 31).to(torch.int8)
+        return q, scale
+    amax = t32.abs().max().item()
+    scale = torch.tensor(amax / 31.0 if amax > 0 else 1.0, dtype=torch.float16)
+    q = torch.clamp(torch.round(t32 / scale.float()), -32, 31).to(torch.int8)
+    return q, scale
+
+
+class Int6Absmax:
+    label = "int6"
+
+    def __init__(self, params: Int6AbsmaxParams) -> None:
+        self.categories = set(_categories(params.int6_categories))
+        self.keep_float_max_numel = params.keep_float_max_numel
+        self.int8 = Int8Rowwise(Int8RowwiseParams())
+        self.template: dict[str, tuple[torch.dtype, torch.Size]] = {}
+
+    def quantize(self, state_dict: dict[str, Tensor]) -> tuple[dict, dict]:
+        result: dict[str, Tensor] = {}
+        meta: dict[str, object] = {}
+        stats = {"payload_bytes": 0, "num_int6": 0, "num_int8": 0, "num_passthrough": 0}
+        self.template = {k: (v.dtype, v.shape) for k, v in state_dict.items()}
+        for name, tensor in state_dict.items():
+            t = tensor.detach().cpu().contiguous()
+            if not t.is_floating_point() or t.numel() <= self.keep_float_max_numel:
+                result[name] = t.to(torch.float16) if t.is_floating_point() else t
+                meta[name] = "passthrough"
+                stats["num_passthrough"] += 1
+            elif is_control_tensor(name):
+                result[name] = t.float()
+                meta[name] = "passthrough_ctrl"
+                stats["num_passthrough"] += 1
+            else:
+                if classify(name) in self.categories and t.ndim >= 1:
+                    q, s = quantize_int6_per_row(t)
+                    meta[name] = {"type": "int6"}
+                    stats["num_int6"] += 1
+                else:
+                    q, s = self.int8.quantize_tensor(t)
+                    meta[name] = {"type": "int8"}
+                    stats["num_int8"] += 1
+                result[name + ".q"], result[name + ".scale"] = q, s
+        stats["payload_bytes"] = sum(int(v.numel()) * v.element_size() for v in result.values())
+        return {"w": result, "m": meta}, stats
+
+    def dequantize(self, obj: dict) -> dict[str, Tensor]:
+        result, meta = obj["w"], obj["m"]
+        out: dict[str, Tensor] = {}
+        for name, info in meta.items():
+            orig_dtype = self.template[name][0] if name in self.template else None
+            if info in ("passthrough", "passthrough_ctrl"):
+                t = result[name]
+                if t.dtype == torch.float16 and orig_dtype in (torch.float32, torch.bfloat16):
+                    t = t.to(orig_dtype)
+                out[name] = t
+                continue
+            q, s = result[name + ".q"], result[name + ".scale"]
+            dtype = orig_dtype or torch.float32
+            if s.ndim > 0:
+                out[name] = (q.float() * s.float().view(q.shape[0], *([1] * (q.ndim - 1)))).to(dtype)
+            else:
+                out[name] = (q.float() * float(s.item())).to(dtype)
+        return out
+
+
+@hookimpl
+def pgolf_register_techniques(register) -> None:
+    register(
+        Technique(
+            name="int6_absmax",
+            slot="quantizer",
+            params=Int6AbsmaxParams,
+            build=lambda params, ctx: Int6Absmax(params),
+            summary="abs-max int6 per row for mlp/attn, int8 elsewhere, fp16 small tensors (#315 record, PR #450)",
+            source="https://github.com/openai/parameter-golf/pull/315",
+            example='[quantizer]\nuse = "int6_absmax"\nint6_categories = "mlp,attn"',
+        )
+    )
