@@ -61,7 +61,7 @@ class TrainState:
 class Events:
     """Loop events, delivered in stack order to the built technique objects, then to pluggy observers."""
 
-    NAMES = ("on_train_start", "after_optimizer_step", "on_step_end", "on_eval_start", "on_eval_end", "on_train_end")
+    NAMES = ("on_train_start", "on_step_start", "after_optimizer_step", "on_step_end", "on_eval_start", "on_eval_end", "on_train_end")
 
     def __init__(self, objects: list[Any], registry: Registry) -> None:
         self.handlers = {n: [getattr(o, n) for o in objects if callable(getattr(o, n, None))] for n in self.NAMES}
@@ -114,15 +114,222 @@ def load_data(stack: Stack, device: torch.device) -> DataFiles:
     for f in train_files:
         read_shard_header(f)
     val_files = shard_files(data_path, VAL_PATTERN, "validation")
-    val_tokens = load_validation_tokens(val_files, stack.data.train_seq_len, vocab)
+    # Like the references, the split is trimmed to whole sequences of the longest length evaluated.
+    eval_seq_len = getattr(stack.params("evaluator"), "eval_seq_len", 0) or 0
+    val_tokens = load_validation_tokens(val_files, max(stack.data.train_seq_len, eval_seq_len), vocab)
     return DataFiles(data_path, tok_path, train_files, ValData(val_tokens, *byte_luts(sp, vocab, device)))
 
 
-def run_training(stack: Stack, registry: Registry, runtime: Runtime, rundir: RunDir, data_files: DataFiles) -> dict[str, Any]:
-    log = rundir.log
-    args, data = stack.run, stack.data
-    resolved_toml = stack_to_toml(stack)
-    rundir.write_text("stack.toml", resolved_toml)
+class Trainer:
+    """One training run, from built parts to the exported, round-tripped, evaluated artifact.
+
+    The pieces are methods so that other drivers reuse them unchanged: ``pgolf bench`` times ``train_step``,
+    checkpointing reads and restores ``state_dict``. ``run`` is the reference's sequence.
+    """
+
+    def __init__(self, stack: Stack, registry: Registry, runtime: Runtime, data_files: DataFiles, log: Any, metric: Any) -> None:
+        self.stack, self.registry, self.runtime, self.data_files = stack, registry, runtime, data_files
+        self.log, self.metric = log, metric
+        args, data = stack.run, stack.data
+        seed_everything(args.seed)
+        device = runtime.device
+        self.base_model, modifier_objects = build_model(stack, registry)
+        self.base_model = self.base_model.to(device)
+        cast_for_device(self.base_model, runtime.bf16)
+        compiled = torch.compile(self.base_model, dynamic=False, fullgraph=True) if runtime.compile else self.base_model
+        if runtime.distributed:
+            with warnings.catch_warnings():  # the reference's broadcast_buffers=False, kept for identical behaviour
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                device_ids = [runtime.local_rank] if runtime.is_cuda else None
+                self.model: nn.Module = DDP(compiled, device_ids=device_ids, broadcast_buffers=False)
+        else:
+            self.model = compiled
+        self.optimizers = build_slot(stack, registry, "optimizer")(self.base_model, runtime)
+        self.schedule = build_slot(stack, registry, "schedule")
+        self.averaging = build_slot(stack, registry, "averaging")
+        self.quantizer = build_slot(stack, registry, "quantizer")
+        self.compressor = build_slot(stack, registry, "compressor")
+        self.evaluator = build_slot(stack, registry, "evaluator")
+        self.modifier_objects = modifier_objects
+        self.eval_env = EvalEnv(
+            data_files.val, data.train_seq_len, data.val_batch_size, runtime.grad_accum_steps, runtime.rank,
+            runtime.world_size, device, runtime.autocast, base_model=self.base_model, compile=runtime.compile,
+        )
+        self.loader = self._new_loader()
+        self.state = TrainState(stack, runtime, self.base_model, self.optimizers, log, iterations=args.iterations)
+        objects = [self.schedule, self.averaging, self.quantizer, self.compressor, self.evaluator, *modifier_objects]
+        self.events = Events(objects, registry)
+        self.n_params = count_parameters(self.base_model)
+
+    def _new_loader(self) -> DistributedTokenLoader:
+        rt = self.runtime
+        return DistributedTokenLoader(self.data_files.train_files, rt.rank, rt.world_size, rt.device, self.stack.model.vocab_size)
+
+    # -- steps ------------------------------------------------------------------------------------------
+    def forward_backward(self) -> torch.Tensor:
+        """Accumulate gradients over this rank's micro-batches; returns the mean micro-batch loss."""
+        rt, data = self.runtime, self.stack.data
+        grad_accum = rt.grad_accum_steps
+        total = torch.zeros((), device=rt.device)
+        for micro_step in range(grad_accum):
+            if rt.distributed:
+                self.model.require_backward_grad_sync = micro_step == grad_accum - 1
+            x, y = self.loader.next_batch(data.train_batch_tokens, data.train_seq_len, grad_accum)
+            with rt.autocast():
+                loss = self.model(x, y)
+            total += loss.detach()
+            (loss * (1.0 / grad_accum)).backward()
+        return total / grad_accum
+
+    def train_step(self, step: int, scale: float) -> torch.Tensor:
+        self.optimizers.zero_grad()
+        loss = self.forward_backward()
+        self.optimizers.before_step(step)
+        self.optimizers.set_lr_scale(scale)
+        self.optimizers.step(self.base_model)
+        self.optimizers.zero_grad()
+        return loss
+
+    def warmup(self, steps: int) -> None:
+        """Prime compiled paths, then restore the initial weights, optimizer state and data stream."""
+        if steps <= 0:
+            return
+        initial_model = {k: v.detach().cpu().clone() for k, v in self.base_model.state_dict().items()}
+        initial_opt = copy.deepcopy(self.optimizers.state_dict())
+        self.model.train()
+        for warmup_step in range(steps):
+            self.optimizers.zero_grad()
+            self.forward_backward()
+            self.optimizers.step(self.base_model)
+            self.optimizers.zero_grad()
+            if steps <= 20 or (warmup_step + 1) % 10 == 0 or warmup_step + 1 == steps:
+                self.log(f"warmup_step:{warmup_step + 1}/{steps}")
+        self.base_model.load_state_dict(initial_model, strict=True)
+        self.optimizers.load_state_dict(initial_opt)
+        self.optimizers.zero_grad()
+        if self.runtime.distributed:
+            self.model.require_backward_grad_sync = True
+        self.loader = self._new_loader()
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def log_header(self) -> None:
+        stack, log, data, args = self.stack, self.log, self.stack.data, self.stack.run
+        df, rt, m = self.data_files, self.runtime, self.stack.model
+        log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={df.tokenizer_path}")
+        log(f"train_loader:dataset:{Path(df.data_path).name} train_shards:{len(df.train_files)}")
+        log(f"val_loader:shards pattern={df.data_path}/{VAL_PATTERN} tokens:{df.val.tokens.numel() - 1}")
+        log(f"model_params:{self.n_params}")
+        log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps}")
+        log(f"device:{rt.device.type} dtype:{'bf16' if rt.bf16 else 'fp32'} compile:{rt.compile}")
+        log(f"attention_mode:gqa num_heads:{m.num_heads} num_kv_heads:{m.num_kv_heads}")
+        log(
+            f"train_batch_tokens:{data.train_batch_tokens} train_seq_len:{data.train_seq_len} "
+            f"iterations:{args.iterations} warmup_steps:{args.warmup_steps} max_wallclock_seconds:{args.max_wallclock_seconds:.3f}"
+        )
+        log(f"seed:{args.seed}")
+
+    def train(self) -> tuple[int, float]:
+        """The main loop (wallclock cap, periodic validation, events); returns (steps, training ms)."""
+        args, rt, log, state, events = self.stack.run, self.runtime, self.log, self.state, self.events
+        max_wallclock_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
+        stop_after_step: int | None = None
+        training_time_ms = 0.0
+        events.fire("on_train_start", state)
+        rt.sync()
+        t0 = time.perf_counter()
+        step = 0
+        while True:
+            last_step = step == args.iterations or (stop_after_step is not None and step >= stop_after_step)
+            if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+                rt.sync()
+                training_time_ms += 1000.0 * (time.perf_counter() - t0)
+                state.step, state.train_time_ms = step, training_time_ms
+                events.fire("on_eval_start", state)
+                val_loss, val_bpb = eval_val(self.model, self.eval_env)
+                state.last_val = (val_loss, val_bpb)
+                events.fire("on_eval_end", state)
+                log(
+                    f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                    f"train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms / max(step, 1):.2f}ms"
+                )
+                self.metric(kind="val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=training_time_ms)
+                rt.sync()
+                t0 = time.perf_counter()
+            if last_step:
+                if stop_after_step is not None and step < args.iterations:
+                    log(f"stopping_early: wallclock_cap train_time:{training_time_ms:.0f}ms step:{step}/{args.iterations}")
+                break
+
+            elapsed_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
+            scale = self.schedule.lr_mul(step, elapsed_ms)
+            state.step, state.lr_scale = step, scale
+            events.fire("on_step_start", state)
+            train_loss = self.train_step(step, scale)
+            step += 1
+            approx_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
+            state.step, state.lr_scale, state.train_time_ms = step, scale, approx_ms
+            events.fire("after_optimizer_step", state)
+            if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None):
+                loss_value = train_loss.item()
+                state.train_loss = loss_value
+                log(f"step:{step}/{args.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
+                self.metric(kind="train", step=step, train_loss=loss_value, train_time_ms=approx_ms, lr_scale=scale)
+            events.fire("on_step_end", state)
+            reached_cap = max_wallclock_ms is not None and approx_ms >= max_wallclock_ms
+            if rt.distributed and max_wallclock_ms is not None:
+                flag = torch.tensor(int(reached_cap), device=rt.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                reached_cap = bool(flag.item())
+            if stop_after_step is None and reached_cap:
+                stop_after_step = step
+        events.fire("on_train_end", state)
+        if rt.is_cuda:
+            log(
+                f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
+                f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB"
+            )
+        return step, training_time_ms
+
+    def export_and_evaluate(self, rundir: RunDir, resolved_toml: str) -> tuple[Any, list]:
+        """Average → quantize → compress → size accounting → write → round trip → final evaluation."""
+        args, rt, log = self.stack.run, self.runtime, self.log
+        quantizer, compressor = self.quantizer, self.compressor
+        weights = self.averaging.export_weights(self.base_model)
+        if args.save_raw_model:
+            rundir.write_bytes("final_model.pt", _serialize(weights))
+        bytes_code = code_bytes(self.stack, self.registry, resolved_toml)
+        artifact = build_artifact(weights, quantizer, compressor, bytes_code)
+        label = f"{quantizer.label}+{compressor.label}"
+        log(f"Serialized model {label}: {artifact.bytes_model} bytes (payload:{artifact.stats['payload_bytes']} raw_torch:{artifact.raw_bytes})")
+        log(f"Code size: {bytes_code} bytes")
+        log(f"Total submission size {label}: {artifact.bytes_total} bytes")
+        if artifact.bytes_total > args.artifact_cap_bytes:
+            raise BudgetError(
+                f"artifact is {artifact.bytes_total} bytes (code {bytes_code} + model {artifact.bytes_model}), over the "
+                f"{args.artifact_cap_bytes}-byte cap by {artifact.bytes_total - args.artifact_cap_bytes}; shrink the model or "
+                "quantize harder (raise run.artifact_cap_bytes only for experiments that are not submissions)"
+            )
+        artifact_path = rundir.write_bytes(f"final_model.{quantizer.label}.ptz", artifact.blob)
+        rt.barrier()
+        blob = artifact_path.read_bytes() if rt.is_master else artifact.blob
+        if rt.distributed:
+            blob = _broadcast_bytes(blob, rt)
+        try:
+            self.base_model.load_state_dict(load_artifact(blob, quantizer, compressor), strict=True)
+        except Exception as exc:
+            raise DataError(f"{artifact_path}: the artifact does not load back into the model ({exc})") from None
+        rt.sync()
+        results = self.evaluator.evaluate(self.model, self.eval_env, quantizer.label, compressor.label)
+        rt.sync()
+        for name, loss, bpb, eval_ms, note in results:
+            extra = f" {note}" if note else ""
+            log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra} eval_time:{eval_ms:.0f}ms")
+            log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+            self.metric(kind="final", name=name, val_loss=loss, val_bpb=bpb, eval_time_ms=eval_ms)
+        return artifact, results
+
+
+def log_provenance(stack: Stack, log: Any, resolved_toml: str) -> None:
     log(resolved_toml, console=False)
     log("=" * 100, console=False)
     log(f"pgolf {__version__} python {platform.python_version()} torch {torch.__version__}", console=False)
@@ -134,197 +341,29 @@ def run_training(stack: Stack, registry: Registry, runtime: Runtime, rundir: Run
         log(f"legacy_env: {line}")
     log("=" * 100, console=False)
 
-    seed_everything(args.seed)
-    device = runtime.device
-    val = data_files.val
-    eval_env = EvalEnv(
-        val, data.train_seq_len, data.val_batch_size, runtime.grad_accum_steps, runtime.rank, runtime.world_size, device, runtime.autocast
-    )
-    train_files, data_path, vocab = data_files.train_files, data_files.data_path, stack.model.vocab_size
-    log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={data_files.tokenizer_path}")
-    log(f"train_loader:dataset:{Path(data_path).name} train_shards:{len(train_files)}")
-    log(f"val_loader:shards pattern={data_path}/{VAL_PATTERN} tokens:{val.tokens.numel() - 1}")
 
-    # Model and optimizers -------------------------------------------------------------------------------
-    base_model, modifier_objects = build_model(stack, registry)
-    base_model = base_model.to(device)
-    cast_for_device(base_model, runtime.bf16)
-    compiled = torch.compile(base_model, dynamic=False, fullgraph=True) if runtime.compile else base_model
-    if runtime.distributed:
-        with warnings.catch_warnings():  # the reference's broadcast_buffers=False, kept for identical behaviour
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            model: nn.Module = DDP(compiled, device_ids=[runtime.local_rank] if runtime.is_cuda else None, broadcast_buffers=False)
-    else:
-        model = compiled
-    optimizers = build_slot(stack, registry, "optimizer")(base_model, runtime)
-    schedule = build_slot(stack, registry, "schedule")
-    averaging = build_slot(stack, registry, "averaging")
-    quantizer = build_slot(stack, registry, "quantizer")
-    compressor = build_slot(stack, registry, "compressor")
-    evaluator = build_slot(stack, registry, "evaluator")
-
-    n_params = count_parameters(base_model)
-    m = stack.model
-    log(f"model_params:{n_params}")
-    log(f"world_size:{runtime.world_size} grad_accum_steps:{runtime.grad_accum_steps}")
-    log(f"device:{device.type} dtype:{'bf16' if runtime.bf16 else 'fp32'} compile:{runtime.compile}")
-    log(f"attention_mode:gqa num_heads:{m.num_heads} num_kv_heads:{m.num_kv_heads}")
-    log(
-        f"train_batch_tokens:{data.train_batch_tokens} train_seq_len:{data.train_seq_len} "
-        f"iterations:{args.iterations} warmup_steps:{args.warmup_steps} max_wallclock_seconds:{args.max_wallclock_seconds:.3f}"
-    )
-    log(f"seed:{args.seed}")
-
-    loader = DistributedTokenLoader(train_files, runtime.rank, runtime.world_size, device, vocab)
-    grad_accum = runtime.grad_accum_steps
-    grad_scale = 1.0 / grad_accum
-
-    def forward_backward() -> torch.Tensor:
-        total = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            if runtime.distributed:
-                model.require_backward_grad_sync = micro_step == grad_accum - 1
-            x, y = loader.next_batch(data.train_batch_tokens, data.train_seq_len, grad_accum)
-            with runtime.autocast():
-                loss = model(x, y)
-            total += loss.detach()
-            (loss * grad_scale).backward()
-        return total / grad_accum
-
-    # Warmup primes compiled paths, then restores the initial weights, optimizer state and data stream.
-    if args.warmup_steps > 0:
-        initial_model = {k: v.detach().cpu().clone() for k, v in base_model.state_dict().items()}
-        initial_opt = copy.deepcopy(optimizers.state_dict())
-        model.train()
-        for warmup_step in range(args.warmup_steps):
-            optimizers.zero_grad()
-            forward_backward()
-            optimizers.step(base_model)
-            optimizers.zero_grad()
-            if args.warmup_steps <= 20 or (warmup_step + 1) % 10 == 0 or warmup_step + 1 == args.warmup_steps:
-                log(f"warmup_step:{warmup_step + 1}/{args.warmup_steps}")
-        base_model.load_state_dict(initial_model, strict=True)
-        optimizers.load_state_dict(initial_opt)
-        optimizers.zero_grad()
-        if runtime.distributed:
-            model.require_backward_grad_sync = True
-        loader = DistributedTokenLoader(train_files, runtime.rank, runtime.world_size, device, vocab)
-
-    # Main loop -------------------------------------------------------------------------------------------
-    state = TrainState(stack, runtime, base_model, optimizers, log, iterations=args.iterations)
-    events = Events([schedule, averaging, quantizer, compressor, evaluator, *modifier_objects], registry)
-    max_wallclock_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
-    stop_after_step: int | None = None
-    training_time_ms = 0.0
-    events.fire("on_train_start", state)
-    runtime.sync()
-    t0 = time.perf_counter()
-    step = 0
-    while True:
-        last_step = step == args.iterations or (stop_after_step is not None and step >= stop_after_step)
-        if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-            runtime.sync()
-            training_time_ms += 1000.0 * (time.perf_counter() - t0)
-            state.step, state.train_time_ms = step, training_time_ms
-            events.fire("on_eval_start", state)
-            val_loss, val_bpb = eval_val(model, eval_env)
-            state.last_val = (val_loss, val_bpb)
-            events.fire("on_eval_end", state)
-            log(
-                f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                f"train_time:{training_time_ms:.0f}ms step_avg:{training_time_ms / max(step, 1):.2f}ms"
-            )
-            rundir.metric(kind="val", step=step, val_loss=val_loss, val_bpb=val_bpb, train_time_ms=training_time_ms)
-            runtime.sync()
-            t0 = time.perf_counter()
-        if last_step:
-            if stop_after_step is not None and step < args.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{training_time_ms:.0f}ms step:{step}/{args.iterations}")
-            break
-
-        elapsed_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
-        scale = schedule.lr_mul(step, elapsed_ms)
-        optimizers.zero_grad()
-        train_loss = forward_backward()
-        optimizers.before_step(step)
-        optimizers.set_lr_scale(scale)
-        optimizers.step(base_model)
-        optimizers.zero_grad()
-        step += 1
-        approx_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
-        state.step, state.lr_scale, state.train_time_ms = step, scale, approx_ms
-        events.fire("after_optimizer_step", state)
-        if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None):
-            loss_value = train_loss.item()
-            state.train_loss = loss_value
-            log(f"step:{step}/{args.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
-            rundir.metric(kind="train", step=step, train_loss=loss_value, train_time_ms=approx_ms, lr_scale=scale)
-        events.fire("on_step_end", state)
-        reached_cap = max_wallclock_ms is not None and approx_ms >= max_wallclock_ms
-        if runtime.distributed and max_wallclock_ms is not None:
-            flag = torch.tensor(int(reached_cap), device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            reached_cap = bool(flag.item())
-        if stop_after_step is None and reached_cap:
-            stop_after_step = step
-    events.fire("on_train_end", state)
-    if runtime.is_cuda:
-        log(
-            f"peak memory allocated: {torch.cuda.max_memory_allocated() // 1024 // 1024} MiB "
-            f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB"
-        )
-
-    # Export: average → quantize → compress → size accounting → round trip → final evaluation ------------
-    weights = averaging.export_weights(base_model)
-    if args.save_raw_model:
-        rundir.write_bytes("final_model.pt", _serialize(weights))
-    bytes_code = code_bytes(stack, registry, resolved_toml)
-    artifact = build_artifact(weights, quantizer, compressor, bytes_code)
-    label = f"{quantizer.label}+{compressor.label}"
-    artifact_name = f"final_model.{quantizer.label}.ptz"
-    log(f"Serialized model {label}: {artifact.bytes_model} bytes (payload:{artifact.stats['payload_bytes']} raw_torch:{artifact.raw_bytes})")
-    log(f"Code size: {bytes_code} bytes")
-    log(f"Total submission size {label}: {artifact.bytes_total} bytes")
-    over_cap = artifact.bytes_total > args.artifact_cap_bytes
-    if over_cap:
-        raise BudgetError(
-            f"artifact is {artifact.bytes_total} bytes (code {bytes_code} + model {artifact.bytes_model}), over the "
-            f"{args.artifact_cap_bytes}-byte cap by {artifact.bytes_total - args.artifact_cap_bytes}; shrink the model or "
-            "quantize harder (raise run.artifact_cap_bytes only for experiments that are not submissions)"
-        )
-    artifact_path = rundir.write_bytes(artifact_name, artifact.blob)
-    runtime.barrier()
-    blob = artifact_path.read_bytes() if runtime.is_master else artifact.blob
-    if runtime.distributed:
-        blob = _broadcast_bytes(blob, runtime)
-    try:
-        restored = load_artifact(blob, quantizer, compressor)
-        base_model.load_state_dict(restored, strict=True)
-    except Exception as exc:
-        raise DataError(f"{artifact_path}: the artifact does not load back into the model ({exc})") from None
-
-    runtime.sync()
-    t_eval = time.perf_counter()
-    results = evaluator.evaluate(model, eval_env, quantizer.label, compressor.label)
-    runtime.sync()
-    eval_ms = 1000.0 * (time.perf_counter() - t_eval)
-    for name, loss, bpb in results:
-        log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{eval_ms:.0f}ms")
-        log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-        rundir.metric(kind="final", name=name, val_loss=loss, val_bpb=bpb, eval_time_ms=eval_ms)
-    final_name, final_loss, final_bpb = results[-1]
+def run_training(stack: Stack, registry: Registry, runtime: Runtime, rundir: RunDir, data_files: DataFiles) -> dict[str, Any]:
+    resolved_toml = stack_to_toml(stack)
+    rundir.write_text("stack.toml", resolved_toml)
+    log_provenance(stack, rundir.log, resolved_toml)
+    trainer = Trainer(stack, registry, runtime, data_files, rundir.log, rundir.metric)
+    trainer.log_header()
+    trainer.warmup(stack.run.warmup_steps)
+    steps, training_time_ms = trainer.train()
+    artifact, results = trainer.export_and_evaluate(rundir, resolved_toml)
+    final_name, final_loss, final_bpb = results[-1][:3]
     summary = {
         "run_id": rundir.run_id,
         "stack": stack.path,
-        "seed": args.seed,
-        "steps": step,
+        "seed": stack.run.seed,
+        "steps": steps,
         "train_time_ms": training_time_ms,
-        "model_params": n_params,
-        "bytes_code": bytes_code,
+        "model_params": trainer.n_params,
+        "bytes_code": artifact.bytes_code,
         "bytes_model": artifact.bytes_model,
         "bytes_total": artifact.bytes_total,
-        "final": {name: {"val_loss": lo, "val_bpb": bp} for name, lo, bp in results},
-        "compliant": bool(getattr(evaluator, "compliant", True)),
+        "final": {r[0]: {"val_loss": r[1], "val_bpb": r[2]} for r in results},
+        "compliant": bool(getattr(trainer.evaluator, "compliant", True)),
     }
     meta = stack.meta
     rundir.write_json(
@@ -338,7 +377,7 @@ def run_training(stack: Stack, registry: Registry, runtime: Runtime, rundir: Run
             "val_loss": round(final_loss, 8),
             "val_bpb": round(final_bpb, 8),
             "bytes_total": artifact.bytes_total,
-            "bytes_code": bytes_code,
+            "bytes_code": artifact.bytes_code,
         },
     )
     rundir.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
