@@ -1,8 +1,8 @@
 """The submission artifact: quantize → serialize → compress, size accounting against the cap, round trip.
 
 Size accounting lives here and only here: ``bytes_total = bytes_code + len(compressed model)``. The code
-counted is what a run executes: every module of ``pgolf_core``, the module of each technique the stack
-uses, and the resolved stack file.
+counted is what a run executes: the ``pgolf_core`` modules loaded by the run, the module of each technique
+the stack uses, and the resolved stack file.
 """
 
 from __future__ import annotations
@@ -46,12 +46,14 @@ def deserialize(data: bytes) -> Any:
 
 
 def code_files(stack: Stack, registry: Registry) -> list[Path]:
+    """The source files this run executes: the ``pgolf_core`` modules loaded in the process (commands that do
+    not train, such as downloads or statistics, are not counted) and the module of every technique in use."""
     core = Path(__file__).resolve().parent
-    files = sorted(p for p in core.rglob("*.py") if "__pycache__" not in p.parts)
+    loaded = {Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
+    files = sorted(p for p in loaded if p.suffix == ".py" and core in p.parents)
     modules = {r.module for r in registry.all() if r.technique.name in _used(stack)}
     for name in sorted(modules):
-        mod = sys.modules.get(name)
-        path = getattr(mod, "__file__", None)
+        path = getattr(sys.modules.get(name), "__file__", None)
         if path:
             files.append(Path(path).resolve())
     return files

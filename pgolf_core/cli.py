@@ -1,4 +1,4 @@
-"""The ``pgolf`` command: run, validate, config, list, show, stacks.
+"""The ``pgolf`` command: run, validate, config, bench, list, show, stacks, schema, report, compare, significance, data.
 
 Every user error is printed as one line per problem on stderr (``error: …``) with exit code 2 (3 for an
 artifact over the cap) and no traceback; ``--debug`` shows tracebacks.
@@ -75,6 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         rundir.open()
         if runtime.is_master:
             print(f"run directory: {rundir.path}", file=sys.stderr)
+        from .progress import attach
+
+        detach_progress = attach(registry, rundir, runtime)  # a bar on a terminal, plain lines elsewhere
         try:
             run_training(stack, registry, runtime, rundir, data_files)
         except BaseException as exc:
@@ -83,12 +86,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             if failed is not None:
                 print(f"run failed; log kept in {failed}", file=sys.stderr)
             raise
+        finally:
+            detach_progress()
         final = rundir.finish()
     finally:
         runtime.shutdown()
     if runtime.is_master:
+        _report(final)
         print(f"run complete: {final}", file=sys.stderr)
     return 0
+
+
+def _report(run_dir: Path) -> None:
+    """report.md and loss.png for a finished run; a failure here never turns a good run into a failed one."""
+    from .report import write_report
+
+    try:
+        md, png = write_report(run_dir)
+    except Exception as exc:
+        print(f"warning: report not written: {type(exc).__name__}: {exc} (retry with 'pgolf report {run_dir}')", file=sys.stderr)
+        return
+    if png is None:
+        print(f"report: {md} (loss.png skipped: matplotlib is not installed; pip install 'pgolf[plot]')", file=sys.stderr)
+    else:
+        print(f"report: {md}, {png}", file=sys.stderr)
 
 
 def _nproc(value: str) -> int:
@@ -161,12 +182,46 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from .config.dump import stack_to_dict, stack_to_toml
 
-    stack, _ = _load(args)
+    if args.as_env and (args.diff or args.format != "toml"):
+        raise ConfigError("--as-env prints NAME=value lines; it does not combine with --diff or --format")
+    stack, registry = _load(args)
+    if args.diff:
+        from .config import load_stack
+        from .config.diff import diff_stacks, format_diff
+
+        other = load_stack(resolve_stack_path(args.diff), registry)
+        if args.format == "json":
+            rows = [{"key": k, "old": a, "new": b} for k, a, b in diff_stacks(other, stack)]
+            print(json.dumps({"stack": stack.path, "other": other.path, "differences": rows}, indent=2))
+        else:
+            print(format_diff(other, stack), end="")
+        return 0
+    if args.as_env:
+        return _print_as_env(stack, registry)
     if args.format == "json":
         print(json.dumps(stack_to_dict(stack), indent=2))
     else:
         print(stack_to_toml(stack), end="")
     return 0
+
+
+def _print_as_env(stack, registry) -> int:
+    """The reference script's environment for the stack, one NAME=value a line; what it cannot say on stderr."""
+    from .envexport import stack_to_env
+
+    exported = stack_to_env(stack, registry)
+    for line in exported.lines():
+        print(line)
+    for note in exported.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import cmd_bench as bench
+
+    stack, registry = _load(args)
+    return bench(args, stack, registry, _nproc(args.nproc_per_node))
 
 
 def _type_name(t: Any) -> str:
@@ -189,6 +244,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "module": r.module,
                     "summary": r.technique.summary,
                     "source": r.technique.source,
+                    "requires": list(r.technique.requires),
+                    "conflicts": list(r.technique.conflicts),
+                    "compile_safe": r.technique.compile_safe,
+                    "example": r.technique.example,
                     "parameters": [a.name for a in attrs.fields(r.technique.params)],
                 }
                 for r in regs
@@ -208,6 +267,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             params = ", ".join(a.name for a in attrs.fields(r.technique.params)) or "-"
             print(f"  {r.technique.name:<16} {r.distribution} {r.version}  {r.technique.summary}")
             print(f"  {'':<16} params: {params}")
+            if r.technique.source:
+                print(f"  {'':<16} source: {r.technique.source}")
     for f in registry.failures:
         print(f"failed plugin {f.distribution} ({f.entry_point}): {f.error}")
     return 0
@@ -231,6 +292,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  requires: {', '.join(t.requires)}")
         if t.conflicts:
             print(f"  conflicts: {', '.join(t.conflicts)}")
+        if not t.compile_safe:
+            print("  compile_safe: no (the model runs eager when this technique is used)")
         fields = attrs.fields(t.params)
         print("  parameters:" if fields else "  parameters: none")
         for a in fields:
@@ -239,7 +302,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             if a.metadata.get("unit"):
                 extra.append(f"unit {a.metadata['unit']}")
             if a.metadata.get("env"):
-                extra.append(f"env {a.metadata['env']}")
+                env = a.metadata["env"]
+                extra.append(f"legacy env {env if isinstance(env, str) else ' / '.join(env)}")
             tail = f" [{'; '.join(extra)}]" if extra else ""
             print(f"    {a.name}: {_type_name(a.type)} = {default}  {a.metadata.get('help', '')}{tail}")
         if t.example:
@@ -260,6 +324,84 @@ def cmd_stacks(args: argparse.Namespace) -> int:
         meta = tomllib.loads(path.read_text(encoding="utf-8")).get("meta", {})
         bpb = meta.get("reported_val_bpb")
         print(f"{path.stem:<12} {meta.get('name', '')}  reported val_bpb {bpb if bpb is not None else '-'}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .config.json_schema import stack_schema
+
+    print(json.dumps(stack_schema(_registry(args)), indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import NO_MATPLOTLIB, write_report
+
+    md, png = write_report(args.run_dir)
+    print(f"{md}")
+    print(f"{png}" if png else f"loss.png skipped: {NO_MATPLOTLIB}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .report import NO_MATPLOTLIB, compare_table, plot_compare, read_run
+
+    runs = [read_run(p) for p in args.runs]
+    print(compare_table(runs), end="")
+    if args.no_plot:
+        return 0
+    try:
+        plot_compare(runs, Path(args.plot))
+    except ImportError:
+        print(f"plot skipped: {NO_MATPLOTLIB}", file=sys.stderr)
+        return 0
+    print(f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_significance(args: argparse.Namespace) -> int:
+    from .report import read_run
+    from .stats import welch_improvement
+
+    def values(paths: list[str], side: str) -> list[float]:
+        out = []
+        for path in paths:
+            run = read_run(path)
+            value = run.final_loss if args.metric == "val_loss" else run.final_bpb
+            if value is None:
+                raise ConfigError(f"{path}: no final {args.metric} (submission.json or a final metrics record); is the run finished?")
+            seed = run.summary.get("seed", "?")
+            print(f"{side:<9} {run.run_id}  seed {seed}  {args.metric} {value:.8f}")
+            out.append(value)
+        return out
+
+    candidate = values(args.runs, "candidate")
+    baseline = values(args.baseline, "baseline")
+    try:
+        r = welch_improvement(candidate, baseline, delta=args.delta, alpha=args.alpha)
+    except ValueError as exc:
+        raise ConfigError(f"significance: {exc}; add runs with other seeds") from None
+    unit = "nats" if args.metric == "val_loss" else "bits/byte"
+    print(f"candidate: n={r.n_candidate} mean={r.mean_candidate:.6f} std={r.std_candidate:.6f}")
+    print(f"baseline:  n={r.n_baseline} mean={r.mean_baseline:.6f} std={r.std_baseline:.6f}")
+    print(f"improvement: {r.improvement:.6f} {unit} (required > {r.delta} {unit})")
+    print(f"welch one-sided: t={r.t:.4f} df={r.df:.2f} p={r.p:.6g} (alpha {r.alpha})")
+    if r.significant:
+        print(f"SIGNIFICANT: the candidate beats the baseline by more than {r.delta} {unit} at p < {r.alpha}")
+        return 0
+    print(f"NOT SIGNIFICANT: an improvement of more than {r.delta} {unit} is not shown at p < {r.alpha}")
+    return 1
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from .download import HubSource, download
+
+    source = HubSource(args.repo_id, args.remote_root, args.revision, args.endpoint, args.cache_dir)
+    result = download(args.variant, args.train_shards, args.dir, source, log=lambda line: print(line, file=sys.stderr))
+    n = len(result.fetched) + len(result.kept)
+    print(f"data ready: {n} files ({len(result.fetched)} downloaded, {len(result.kept)} already present and verified)")
+    tokenizer = f', data.tokenizer = "{result.tokenizer_path}"' if result.tokenizer_path else ""
+    print(f'use it in a stack: data.path = "{result.dataset_dir}"{tokenizer}')
     return 0
 
 
@@ -293,7 +435,23 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", parents=[common], help="print the resolved stack")
     _add_stack_args(config)
     config.add_argument("--format", choices=("toml", "json"), default="toml")
+    config.add_argument("--diff", metavar="OTHER", help="print only the resolved keys whose values differ from stack OTHER (old -> new)")
+    config.add_argument("--as-env", action="store_true", help="print the reference script's environment variables for the stack (inverse of --legacy-env)")
     config.set_defaults(func=cmd_config)
+
+    bench = sub.add_parser("bench", parents=[common], help="time training steps: step time, tokens/s, memory, MFU; optionally vs a reference script")
+    _add_stack_args(bench)
+    bench.add_argument("--steps", type=int, default=100, help="timed steps after the warm-up (default 100)")
+    bench.add_argument("--warmup-steps", type=int, help="compile warm-up steps, not timed (default: the stack's run.warmup_steps)")
+    bench.add_argument("--peak-tflops", type=float, help="device peak for MFU in TFLOP/s (default 989, H100 SXM dense bf16, on CUDA; none on CPU)")
+    bench.add_argument("--json", metavar="PATH", help="also write every number as JSON to PATH ('-' for stdout)")
+    bench.add_argument("--reference", metavar="TRAIN_GPT_PY", help="run this reference script with the stack's environment on the same shards and steps, and compare")
+    bench.add_argument("--reference-env", action="append", metavar="NAME=VALUE", help="extra environment for the reference script, over the stack's (repeatable)")
+    bench.add_argument("--eval", action="store_true", help="also time the stack's evaluator after the steps (and let the reference run its final evaluation)")
+    bench.add_argument("--val-tokens", type=int, metavar="N", help="evaluate a fixed slice: the first N validation tokens (both pgolf and the reference)")
+    bench.add_argument("--nproc-per-node", default="1", help="processes (GPUs) for both pgolf and the reference; default 1")
+    bench.add_argument("--verbose", action="store_true", help="echo pgolf's and the reference's log lines to stderr")
+    bench.set_defaults(func=cmd_bench)
 
     lst = sub.add_parser("list", parents=[common], help="registered techniques by slot")
     lst.add_argument("--slot", help="only this slot")
@@ -306,6 +464,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     stacks = sub.add_parser("stacks", parents=[common], help="bundled stacks and their reported val_bpb")
     stacks.set_defaults(func=cmd_stacks)
+
+    schema = sub.add_parser("schema", parents=[common], help="JSON Schema of the stack format with the installed techniques' fields")
+    schema.set_defaults(func=cmd_schema)
+
+    report = sub.add_parser("report", parents=[common], help="(re)write report.md and loss.png of a run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser("compare", parents=[common], help="table and overlaid loss curves of several runs")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--plot", default="compare.png", help="where to write the overlaid plot (default: compare.png)")
+    compare.add_argument("--no-plot", action="store_true", help="only the table")
+    compare.set_defaults(func=cmd_compare)
+
+    sig = sub.add_parser("significance", parents=[common], help="the record test: Welch t-test of an improvement over baseline runs")
+    sig.add_argument("runs", nargs="+", metavar="RUN_DIR", help="candidate runs (one per seed)")
+    sig.add_argument("--baseline", nargs="+", required=True, metavar="RUN_DIR", help="baseline runs (one per seed)")
+    sig.add_argument("--metric", choices=("val_loss", "val_bpb"), default="val_loss", help="the challenge's rule is in nats (val_loss)")
+    sig.add_argument("--delta", type=float, default=0.005, help="required improvement (default 0.005)")
+    sig.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
+    sig.set_defaults(func=cmd_significance)
+
+    data = sub.add_parser("data", help="challenge data: download shards and tokenizers")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    dl = data_sub.add_parser("download", parents=[common], help="fetch the published FineWeb shards and tokenizer from the Hugging Face Hub")
+    dl.add_argument("--variant", default="sp1024", help="sp1024, sp4096 (sp<VOCAB_SIZE>) or byte260 (default sp1024)")
+    dl.add_argument("--train-shards", type=int, default=80, help="training shards, a prefix of the export (default 80 = 8B tokens)")
+    dl.add_argument("--dir", default="data", help="destination; files land in DIR/datasets/ and DIR/tokenizers/ (default ./data)")
+    dl.add_argument("--endpoint", help="Hub base URL (default: $HF_ENDPOINT or https://huggingface.co)")
+    dl.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf"), help="dataset repo")
+    dl.add_argument("--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets"), help="export root inside the repo")
+    dl.add_argument("--revision", help="branch, tag or commit of the dataset repo (default: main)")
+    dl.add_argument("--cache-dir", help="Hugging Face cache directory (default: the Hub's own)")
+    dl.set_defaults(func=cmd_data_download)
     return parser
 
 
@@ -326,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `pgolf list | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except Exception as exc:
         if getattr(args, "debug", False):
             raise

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 
 @attrs.define
 class ValData:
@@ -37,6 +39,8 @@ class EvalEnv:
     world_size: int
     device: torch.device
     autocast: Any = contextlib.nullcontext
+    base_model: Any = None  # the uncompiled, unwrapped model (for logits-level evaluators)
+    compile: bool = False
 
 
 def token_bytes(prev_ids: Tensor, tgt_ids: Tensor, val: ValData) -> Tensor:
@@ -49,7 +53,7 @@ def eval_val(model: nn.Module, env: EvalEnv) -> tuple[float, float]:
     seq_len = env.seq_len
     local_batch_tokens = env.val_batch_size // (env.world_size * env.grad_accum_steps)
     if local_batch_tokens < seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"data.val_batch_size={env.val_batch_size} gives less than one sequence per rank "
             f"(world size {env.world_size}, grad accumulation {env.grad_accum_steps}, seq len {seq_len}); raise it"
         )

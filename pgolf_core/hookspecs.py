@@ -31,8 +31,9 @@ data for ``pgolf list``)::
     on_train_start(state)
     for step in range(iterations):                        # stops early at the wallclock cap
         [on_eval_start(state); evaluate; on_eval_end(state)]   every val_loss_every steps
+        state.lr_scale = sched.lr_mul(step, elapsed_ms); on_step_start(state)   # late switches (QAT)
         opt.zero_grad(); forward/backward over grad-accumulation micro-batches
-        opt.set_lr_scale(sched.lr_mul(step, elapsed_ms)); opt.before_step(step)
+        opt.before_step(step); opt.set_lr_scale(state.lr_scale)
         opt.step()
         after_optimizer_step(state)                       # averaging updates, late switches
         on_step_end(state)
@@ -45,7 +46,7 @@ data for ``pgolf list``)::
 
 Loop events reach two audiences, always outside the compiled step: the *objects built for the stack*
 (in stack order: slots first, then modifiers) when they define ``on_train_start``,
-``after_optimizer_step``, ``on_step_end``, ``on_eval_start``, ``on_eval_end``, ``on_train_end``; and any
+``on_step_start``, ``after_optimizer_step``, ``on_step_end``, ``on_eval_start``, ``on_eval_end``, ``on_train_end``; and any
 installed plugin implementing the matching ``pgolf_on_*`` hook below (loggers, trackers).
 """
 
@@ -77,10 +78,10 @@ SLOTS: dict[str, SlotContract] = {
     s.name: s
     for s in (
         SlotContract("embedding", "build(params, ctx)", "nn.Module: forward(input_ids) -> x; attribute tok_emb (nn.Embedding)"),
-        SlotContract("attention", "build(params, ctx, layer)", "nn.Module: forward(x) -> y"),
+        SlotContract("attention", "build(params, ctx, layer)", "nn.Module: forward(x[, aux]) -> y; aux holds per-forward model-level tensors"),
         SlotContract("mlp", "build(params, ctx, layer)", "nn.Module: forward(x) -> y"),
-        SlotContract("residual", "build(params, ctx, layer, attn, mlp)", "nn.Module block: forward(x, x0) -> x"),
-        SlotContract("topology", "build(params, ctx)", "nn.Module: forward(x, x0, blocks) -> x (e.g. U-Net skips)"),
+        SlotContract("residual", "build(params, ctx, layer, attn, mlp)", "nn.Module block: forward(x, x0, aux) -> x"),
+        SlotContract("topology", "build(params, ctx)", "nn.Module: forward(x, x0, blocks, aux) -> x (e.g. U-Net skips)"),
         SlotContract("head", "build(params, ctx)", "nn.Module: forward(x, targets, tok_weight) -> mean loss; logits(x, tok_weight)"),
         SlotContract("init", "build(params, ctx)", "callable(model) that initialises weights after construction"),
         SlotContract("optimizer", "build(params, ctx)", "callable(model) -> OptimizerSet (param grouping, step, lr scale, clipping)"),
@@ -91,9 +92,15 @@ SLOTS: dict[str, SlotContract] = {
         SlotContract(
             "evaluator",
             "build(params, ctx)",
-            "object with evaluate(model, eval_env, quant_label, comp_label) -> [(final line name, val_loss, val_bpb), ...] and compliant: bool",
+            "object with evaluate(model, eval_env, quant_label, comp_label) -> [(final line name, val_loss, val_bpb, eval_ms, note), ...] and compliant: bool",
         ),
-        SlotContract("modifier", "build(params, ctx)", "object with transform(spec, layers): rewrites the ModelSpec before modules are built", required=False),
+        SlotContract(
+            "modifier",
+            "build(params, ctx)",
+            "object with transform(spec, layers, name): rewrites the ModelSpec before modules are built; "
+            "optional attach(model) after init; may hook loop events",
+            required=False,
+        ),
     )
 }
 SINGLE_SLOTS = tuple(name for name in SLOTS if name != "modifier")
@@ -107,6 +114,11 @@ def pgolf_register_techniques(register: Any) -> None:
 @hookspec
 def pgolf_on_train_start(state: Any) -> None:
     """After the model, optimizers and data are ready, before the first training step."""
+
+
+@hookspec
+def pgolf_on_step_start(state: Any) -> None:
+    """Before a step's forward pass; ``state.step`` is the 0-based step, ``state.lr_scale`` its LR multiplier."""
 
 
 @hookspec

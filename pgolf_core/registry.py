@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import importlib.util
 import os
+import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import attrs
@@ -41,6 +44,10 @@ class Technique:
     example: str = ""
     compile_safe: bool = True
     hookspec_version: int = hookspecs.HOOKSPEC_VERSION
+    enable_env: str | None = None
+    """Modifiers only: a reference env var whose value 0 drops the modifier under ``--legacy-env``."""
+    layers_env: dict[str, Callable[[str], Any]] = attrs.field(factory=dict)
+    """Modifiers only: reference env vars that set the layer selector (value → selector)."""
 
     def __attrs_post_init__(self) -> None:
         if self.slot not in hookspecs.SLOTS:
@@ -125,12 +132,33 @@ class Registry:
             self.add_plugin(plugin, distribution=dist, version=version, name=f"{dist}:{ep.name}")
 
     def load_module(self, dotted: str) -> None:
-        """Load an unpackaged local plugin module (``--plugin my_pkg.my_technique``)."""
+        """Load an unpackaged local plugin module: ``--plugin my_pkg.my_technique`` or ``--plugin ./my_technique.py``.
+
+        A dotted name is imported normally, then from the current directory as a last resort (the ``pgolf``
+        console script, unlike ``python -m``, does not put it on ``sys.path``).
+        """
         try:
-            module = importlib.import_module(dotted)
+            module = _import_local(dotted)
         except Exception as exc:
             raise ConfigError(f"--plugin {dotted}: cannot import: {_one_line(exc)}") from None
         self.add_plugin(module, distribution=f"local:{dotted}")
+
+    def trace_hooks(self, write: Callable[[str], None]) -> Callable[[], None]:
+        """Report every hook call (name, arguments, implementations) through ``write``; returns the undo.
+
+        ``PGOLF_TRACE_HOOKS=1`` turns this on for a whole run, printing to stderr, to see which installed
+        plugin reacts to which loop event.
+        """
+
+        def before(hook_name: str, hook_impls: list[Any], kwargs: dict[str, Any]) -> None:
+            impls = ", ".join(impl.plugin_name for impl in hook_impls) or "no implementations"
+            write(f"hook {hook_name}({_describe_kwargs(kwargs)}) -> {impls}")
+
+        def after(outcome: Any, hook_name: str, hook_impls: list[Any], kwargs: dict[str, Any]) -> None:
+            if outcome.exception is not None:
+                write(f"hook {hook_name} raised {_one_line(outcome.exception)}")
+
+        return self.pm.add_hookcall_monitoring(before, after)
 
     # -- lookup ---------------------------------------------------------------------------------------
     def get(self, slot: str, name: str) -> Registration | None:
@@ -146,6 +174,36 @@ class Registry:
         return [r for (s, n), r in sorted(self._by_key.items()) if n == name]
 
 
+def _import_local(target: str) -> Any:
+    path = Path(target)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file {target}")
+        name = f"pgolf_local_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != target.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(target)
+
+
+def _describe_kwargs(kwargs: dict[str, Any]) -> str:
+    """Hook arguments in a line: the loop state by its step, anything else by its type."""
+    parts = []
+    for key, value in kwargs.items():
+        step = getattr(value, "step", None)
+        parts.append(f"{key}<step {step}>" if isinstance(step, int) else f"{key}<{type(value).__name__}>")
+    return ", ".join(parts)
+
+
 def _one_line(exc: BaseException) -> str:
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()
     return text[-1] if text else type(exc).__name__
@@ -159,6 +217,8 @@ def default_registry(extra_modules: tuple[str, ...] = ()) -> Registry:
     global _DEFAULT
     if _DEFAULT is None:
         reg = Registry()
+        if os.environ.get("PGOLF_TRACE_HOOKS") == "1":  # before loading, so registrations show up too
+            reg.trace_hooks(lambda line: print(f"pgolf-trace: {line}", file=sys.stderr, flush=True))
         if os.environ.get("PGOLF_DISABLE_PLUGIN_AUTOLOAD") != "1":
             allow = _env_set("PGOLF_LOAD_PLUGINS")
             reg.load_entry_points(allow=allow, block=_env_set("PGOLF_BLOCK_PLUGINS"))

@@ -32,12 +32,17 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
 class RunDir:
     def __init__(self, out_dir: str, run_id: str, is_master: bool, echo: bool = True) -> None:
         self.root = Path(out_dir)
         self.run_id = run_id
         self.is_master = is_master
         self.echo = echo
+        self.console: Any = None  # replaces print for console lines (the progress bar draws around them)
         self.final = self.root / run_id
         self.path = self.root / f"{run_id}.partial"
         self._log = None
@@ -56,7 +61,7 @@ class RunDir:
         if not self.is_master:
             return
         if console and self.echo:
-            print(msg, flush=True)
+            (self.console or _print)(msg)
         if self._log is not None:
             print(msg, file=self._log)
 

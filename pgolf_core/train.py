@@ -213,7 +213,7 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------
     def log_header(self) -> None:
-        stack, log, data, args = self.stack, self.log, self.stack.data, self.stack.run
+        log, data, args = self.log, self.stack.data, self.stack.run
         df, rt, m = self.data_files, self.runtime, self.stack.model
         log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={df.tokenizer_path}")
         log(f"train_loader:dataset:{Path(df.data_path).name} train_shards:{len(df.train_files)}")

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import STACKS, run_cli, tiny_stack
-from pgolf_core.errors import ConfigError
 from pgolf_core.logparse import parse_log
 from pgolf_core.model.gpt import build_model
 from pgolf_core.rundir import RunDir

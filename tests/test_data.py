@@ -128,3 +128,17 @@ def test_sample_is_deterministic_and_valid(tmp_path, monkeypatch):
 def test_write_shard_round_trips(tmp_path):
     write_shard(tmp_path / "s.bin", np.arange(7))
     assert load_shard(tmp_path / "s.bin").tolist() == list(range(7))
+
+
+def test_stream_position_round_trips_through_state_dict(tmp_path):
+    _shard(tmp_path / "fineweb_train_000000.bin", range(0, 10))
+    _shard(tmp_path / "fineweb_train_000001.bin", range(10, 15))
+    files = shard_files(tmp_path, "fineweb_train_*.bin", "training")
+    a = DistributedTokenLoader(files, 0, 1, torch.device("cpu"))
+    a.next_batch(12, 3, 1)
+    saved = a.state_dict()
+    expected = a.next_batch(6, 3, 1)
+    b = DistributedTokenLoader(files, 0, 1, torch.device("cpu"))
+    b.load_state_dict(saved)
+    got = b.next_batch(6, 3, 1)
+    assert saved == {"file_idx": 1, "pos": 3} and all(torch.equal(e, g) for e, g in zip(expected, got))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import FIXTURE_1024, PARITY, STACKS, TOKENIZER_1024, legacy_env, parity_case, run_cli
+from conftest import FIXTURE_1024, STACKS, TOKENIZER_1024, legacy_env, parity_case, run_cli
 from pgolf_core.logparse import parse_log
 
 TRAIN_TOL = 2e-3

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import FIXTURE_1024, PARITY, STACKS, TOKENIZER_1024, legacy_env, parity_case, run_cli
+from conftest import FIXTURE_1024, STACKS, TOKENIZER_1024, legacy_env, parity_case, run_cli
 from pgolf_core.logparse import parse_log
 
 if sys.version_info >= (3, 11):
@@ -54,3 +54,10 @@ def test_stack_matches_reference(stack, case, tmp_path):
         if event.startswith("Total submission size"):
             continue  # sizes include each project's own code bytes
         assert any(line.startswith(event) for line in log.splitlines()), f"missing event line {event!r}"
+
+
+@pytest.mark.parametrize("stack, params", [("pr315", 26_829_913), ("pr400", 26_845_283), ("pr450", 30_416_484)])
+def test_validate_reports_the_reference_parameter_count(stack, params, tmp_path):
+    proc = run_cli(["validate", str(STACKS / f"{stack}.toml")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"model_params:{params}" in proc.stdout

@@ -117,7 +117,7 @@ def test_unet_skips_pair_mirrored_layers():
             super().__init__()
             self.i = i
 
-        def forward(self, x, x0):
+        def forward(self, x, x0, aux=None):
             seen.append(self.i)
             return x + 1
 

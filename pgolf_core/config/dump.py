@@ -16,6 +16,8 @@ def _table(instance: Any) -> dict[str, Any]:
 
 def stack_to_dict(stack: Stack) -> dict[str, Any]:
     out: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+    if stack.requires:
+        out["requires"] = {"plugins": list(stack.requires)}
     for name in ("meta", "run", "data", "model"):
         out[name] = _table(getattr(stack, name))
     for slot, choice in stack.slots.items():

@@ -11,7 +11,10 @@ from typing import Any
 import attrs
 
 
-def param(default: Any = attrs.NOTHING, *, help: str = "", env: str | None = None, unit: str = "", validator: Any = None) -> Any:
+def param(
+    default: Any = attrs.NOTHING, *, help: str = "", env: str | tuple[str, ...] | None = None, unit: str = "", validator: Any = None
+) -> Any:
+    """``env`` may be a tuple of aliases; under ``--legacy-env`` the last one present wins."""
     metadata = {"help": help, "unit": unit}
     if env:
         metadata["env"] = env

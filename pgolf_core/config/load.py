@@ -16,7 +16,7 @@ from typing import Any
 import attrs
 
 from ..errors import ConfigError
-from ..hookspecs import SINGLE_SLOTS, SLOTS
+from ..hookspecs import SINGLE_SLOTS
 from ..registry import Registry
 from .convert import did_you_mean, structure_table
 from .schema import CORE_TABLES, SCHEMA_VERSION, Choice, ModifierChoice, Stack
@@ -26,7 +26,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-TOP_LEVEL = ["schema_version", "extends", *CORE_TABLES, *SINGLE_SLOTS, "modifier"]
+TOP_LEVEL = ["schema_version", "extends", "requires", *CORE_TABLES, *SINGLE_SLOTS, "modifier"]
 
 
 class _Source:
@@ -154,7 +154,12 @@ def _apply_set(data: dict[str, Any], expr: str) -> str:
 
 
 def _env_fields(cls: type) -> dict[str, attrs.Attribute]:
-    return {a.metadata["env"]: a for a in attrs.fields(cls) if "env" in a.metadata}
+    out: dict[str, attrs.Attribute] = {}
+    for a in attrs.fields(cls):
+        names = a.metadata.get("env") or ()
+        for name in (names,) if isinstance(names, str) else names:
+            out[name] = a
+    return out
 
 
 def _parse_env_value(raw: str, attribute: attrs.Attribute) -> Any:
@@ -220,6 +225,7 @@ def load_stack(
         problems.append(f"{display}: schema_version: missing; add 'schema_version = {SCHEMA_VERSION}' at the top")
     elif version != SCHEMA_VERSION:
         report("schema_version", f"unsupported schema_version {version!r}; this pgolf reads {SCHEMA_VERSION}")
+    required = _required_plugins(data.get("requires", {}), registry, report)
 
     env_log: list[str] = []
     core: dict[str, Any] = {}
@@ -253,6 +259,8 @@ def load_stack(
         raw_mods = []
     for index, table in enumerate(raw_mods):
         table = dict(table)
+        if legacy_env is not None and not _legacy_modifier_env(table, index, registry, legacy_env, env_log, problems):
+            continue
         layers = table.pop("layers", "all")
         choice = _structure_choice(table, "modifier", f"modifier[{index}]", registry, legacy_env, env_log, report)
         if choice is not None:
@@ -271,11 +279,62 @@ def load_stack(
         modifiers=tuple(modifiers),
         overrides=tuple(overrides),
         legacy_env=tuple(env_log),
+        requires=tuple(required),
     )
     from .checks import check_stack  # local import: checks needs the registry and the model spec
 
     check_stack(stack, registry)
     return stack
+
+
+def _required_plugins(table: Any, registry: Registry, report) -> list[str]:
+    """``[requires] plugins = [...]``: checked first, so a missing plugin reads as "install X"."""
+    from .requires import check_required_plugins
+
+    if not isinstance(table, dict):
+        report("requires", "expected a table [requires] with plugins = [\"dist>=version\", ...]")
+        return []
+    for key in table:
+        if key != "plugins":
+            report(f"requires.{key}", f"unknown key '{key}'{did_you_mean(key, ['plugins'])}; valid keys: plugins")
+    plugins = table.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        report("requires.plugins", "expected a list of requirement strings, e.g. [\"pgolf-xsa>=0.2\"]")
+        return []
+    for problem in check_required_plugins(plugins, registry):
+        report("requires.plugins", problem)
+    return plugins
+
+
+def _legacy_modifier_env(table: dict, index: int, registry: Registry, env: dict[str, str], log: list[str], problems: list[str]) -> bool:
+    """Apply a modifier's enable switch and layer-selector env vars; False when the env turns it off."""
+    name = table.get("use")
+    reg = registry.get("modifier", name) if isinstance(name, str) else None
+    if reg is None:
+        return True
+    technique = reg.technique
+    if technique.enable_env and technique.enable_env in env:
+        raw = env[technique.enable_env]
+        try:
+            on = bool(int(raw))
+        except ValueError:
+            problems.append(f"environment {technique.enable_env}={raw!r}: expected 0 or 1 (switches modifier[{index}]({name}))")
+            return True
+        if not on:
+            log.append(f"{technique.enable_env}={raw} -> modifier[{index}]({name}) removed")
+            return False
+    for env_name, to_selector in technique.layers_env.items():
+        if env_name in env:
+            try:
+                selector = to_selector(env[env_name])
+            except ValueError:
+                problems.append(f"environment {env_name}={env[env_name]!r}: not a valid layer selector for modifier[{index}]({name})")
+                continue
+            if selector is None:
+                continue
+            table["layers"] = selector
+            log.append(f"{env_name}={env[env_name]} -> modifier[{index}]({name}).layers = {table['layers']!r}")
+    return True
 
 
 def _structure_choice(table: Any, slot: str, where: str, registry: Registry, legacy_env, env_log, report) -> Choice | None:

@@ -117,6 +117,7 @@ class Stack:
     modifiers: tuple[ModifierChoice, ...] = ()
     overrides: tuple[str, ...] = ()
     legacy_env: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # [requires] plugins: distributions the stack needs
 
     def params(self, slot: str) -> Any:
         return self.slots[slot].params

@@ -20,19 +20,39 @@ from .spec import BuildContext, Component, ModelSpec, spec_from_stack
 
 
 class GPT(nn.Module):
-    """Embedding → topology over blocks → final RMSNorm → head (loss). Every part comes from a slot."""
+    """Embedding → topology over blocks → final RMSNorm → head (loss). Every part comes from a slot.
 
-    def __init__(self, embedding: nn.Module, topology: nn.Module, blocks: list[nn.Module], head: nn.Module) -> None:
+    Model-level modules that modifiers add (e.g. shared value embeddings) sit after the blocks, as in the
+    references; those with an ``aux(input_ids)`` method contribute per-forward tensors (``aux``) that the
+    topology hands to every block and the block to its attention.
+    """
+
+    def __init__(
+        self,
+        embedding: nn.Module,
+        topology: nn.Module,
+        blocks: list[nn.Module],
+        head: nn.Module,
+        root_modules: list[tuple[str, nn.Module]] = (),
+    ) -> None:
         super().__init__()
         self.embedding = embedding
         self.topology = topology
         self.blocks = nn.ModuleList(blocks)
+        self.aux_providers: list[str] = []
+        for name, module in root_modules:
+            self.add_module(name, module)
+            if callable(getattr(module, "aux", None)):
+                self.aux_providers.append(name)
         self.final_norm = RMSNorm()
         self.head = head
 
     def hidden(self, input_ids: Tensor) -> Tensor:
         x = self.embedding(input_ids)
-        x = self.topology(x, x, self.blocks)
+        aux: dict[str, Tensor] = {}
+        for name in self.aux_providers:
+            aux.update(getattr(self, name).aux(input_ids))
+        x = self.topology(x, x, self.blocks, aux)
         return self.final_norm(x)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
@@ -105,11 +125,15 @@ def build_model(stack: Stack, registry: Registry) -> tuple[GPT, list[Any]]:
         attn = _build(layer.attention, base, f"blocks.{i}.attention", i)
         mlp = _build(layer.mlp, base, f"blocks.{i}.mlp", i)
         blocks.append(_build(layer.residual, base, f"blocks.{i}", i, attn=attn, mlp=mlp))
+    roots = [(name, factory()) for name, factory, _ in spec.root_modules]
     head = _build(spec.head, base, "head")
-    model = GPT(embedding, topology, blocks, head)
+    model = GPT(embedding, topology, blocks, head, roots)
     init = _build(spec.init, base, "init")
     with torch.no_grad():
         init(model)
+    for obj in modifier_objects:
+        if callable(getattr(obj, "attach", None)):
+            obj.attach(model)
     return model, modifier_objects
 
 

@@ -16,8 +16,15 @@ CONTROL_TENSOR_NAME_PATTERNS = (
     "q_gain",
     "skip_weight",
     "skip_weights",
+    "smear",
+    "bigram.scale",
+    "xsa_gate",
+    "ve_layer_scales",
+    "ve_shared.scale",
 )
-"""Name fragments of small control tensors: kept fp32, optimised by Adam, exported unquantized (baseline)."""
+"""Name fragments of small control tensors: kept fp32, optimised by Adam, exported unquantized.
+
+The baseline's list plus ``smear`` (SmearGate, added with it in the #315 line of records)."""
 
 
 def is_control_tensor(name: str, patterns: tuple[str, ...] = CONTROL_TENSOR_NAME_PATTERNS) -> bool:
@@ -36,13 +43,32 @@ class RMSNorm(nn.Module):
 
 
 class CastedLinear(nn.Linear):
-    """Linear layer whose fp32 weight is cast to the activation dtype at matmul time (bf16 compute on GPU)."""
+    """Linear layer whose fp32 weight is cast to the activation dtype at matmul time (bf16 compute on GPU).
+
+    Optionally carries straight-through fake quantization (``enable_fake_quant``): in training mode the
+    forward sees the row-wise abs-max quantized weight while gradients flow to the fp32 weight. Whether it
+    is active is a buffer (0 or 1), not a Python flag, so a compiled graph reads the switch at run time and
+    turning it on needs no recompile.
+    """
 
     _zero_init: bool = False
+    fake_quant_bits: int = 0
+
+    def enable_fake_quant(self, bits: int) -> None:
+        self.fake_quant_bits = bits
+        self.register_buffer("fake_quant_on", torch.zeros((), dtype=torch.float32), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.to(x.dtype)
+        if self.fake_quant_bits and self.training:
+            qmax = 2 ** (self.fake_quant_bits - 1) - 1
+            with torch.no_grad():
+                w32 = self.weight.float()
+                scale = (w32.abs().amax(dim=1) / qmax).clamp_min(1.0 / qmax)
+                w_q = (torch.clamp(torch.round(w32 / scale[:, None]), -qmax - 1, qmax) * scale[:, None]).to(x.dtype)
+            w = w + self.fake_quant_on.to(x.dtype) * (w_q - w).detach()
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, w, bias)
 
 
 def zero_init(linear: nn.Linear) -> nn.Linear:
@@ -52,11 +78,20 @@ def zero_init(linear: nn.Linear) -> nn.Linear:
 
 
 class Rotary(nn.Module):
-    """RoPE cos/sin tables, cached per sequence length (the cache check is a guard under torch.compile)."""
+    """RoPE cos/sin tables, cached per sequence length (the cache check is a guard under torch.compile).
 
-    def __init__(self, dim: int, base: float = 10000.0) -> None:
+    ``rope_dims`` < head dim rotates only the first ``rope_dims`` dims (partial RoPE). ``ntk_seq_len`` > 0
+    rescales the base for sequences longer than it, ``base * (T / ntk_seq_len) ** (r / (r - 2))`` (NTK-aware
+    RoPE, as in the #315 line of records, where it is hard-coded to 1024).
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0, rope_dims: int = 0, ntk_seq_len: int = 0) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.rope_dims = rope_dims if rope_dims > 0 else dim
+        self.base = base
+        self.ntk_seq_len = ntk_seq_len
+        rd = self.rope_dims
+        inv_freq = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._seq_len_cached = 0
         self._cos_cached: Tensor | None = None
@@ -69,9 +104,15 @@ class Rotary(nn.Module):
             or self._seq_len_cached != seq_len
             or self._cos_cached.device != device
         ):
+            rd = self.rope_dims
+            if self.ntk_seq_len > 0 and seq_len > self.ntk_seq_len:
+                new_base = self.base * ((seq_len / self.ntk_seq_len) ** (rd / (rd - 2)))
+                inv_freq = 1.0 / (new_base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
+            else:
+                inv_freq = self.inv_freq.to(device)
             # Positions take inv_freq's dtype, as the reference does (bf16 after the model-wide cast on GPU).
-            t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
-            freqs = torch.outer(t, self.inv_freq.to(device))
+            t = torch.arange(seq_len, device=device, dtype=inv_freq.dtype)
+            freqs = torch.outer(t, inv_freq)
             self._cos_cached = freqs.cos()[None, None, :, :]
             self._sin_cached = freqs.sin()[None, None, :, :]
             self._seq_len_cached = seq_len
@@ -79,6 +120,12 @@ class Rotary(nn.Module):
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    rd = cos.size(-1) * 2
+    if rd < x.size(-1):
+        x_rope, x_pass = x[..., :rd], x[..., rd:]
+        half = rd // 2
+        x1, x2 = x_rope[..., :half], x_rope[..., half:]
+        return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, x_pass), dim=-1)
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)

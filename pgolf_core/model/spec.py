@@ -41,6 +41,14 @@ class ModelSpec:
     layers: list[LayerSpec]
     head: Component
     init: Component
+    root_modules: list[tuple[str, Any, str]] = attrs.field(factory=list)
+    """(attribute name, factory, claimed by): modules created on the model after the blocks, in stack order."""
+
+    def add_root_module(self, name: str, factory: Any, by: str) -> None:
+        for existing, _, owner in self.root_modules:
+            if existing == name:
+                raise ConfigError(f"modifiers '{owner}' and '{by}' both add the model-level module '{name}'; drop one")
+        self.root_modules.append((name, factory, by))
 
     def component(self, slot: str, layer: int | None = None) -> Component:
         if slot in ("attention", "mlp", "residual"):

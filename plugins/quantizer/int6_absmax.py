@@ -8,6 +8,9 @@ Per state-dict tensor, in order:
 * category (``tok_emb``/``lm_head`` → embed, ``.mlp.`` → mlp, ``.attn.`` or ``.proj.`` → attn, else other)
   in ``int6_categories``: per-row abs-max int6, ``scale = fp16(max(row_max/31, 1/31))``, values
   ``clamp(round(W/scale), -32, 31)``;
+* category in ``int5_categories`` (none in the shipped stacks): per-row abs-max int5, range [-16, 15],
+  ``scale = fp16(max(row_max/15, 1e-12))`` (the int5 MLP export of the ``2026-03-20_10L_Int5MLP_MuonWD04_SWA50``
+  record); it takes precedence over int6;
 * anything else: the baseline's percentile-clipped int8 per row (fp16 scales).
 
 Serialized as ``{"w": tensors, "m": meta}`` like the reference.
@@ -33,6 +36,7 @@ def _categories(value: str) -> tuple[str, ...]:
 @attrs.define(frozen=True, kw_only=True)
 class Int6AbsmaxParams:
     int6_categories: str = param("mlp,attn", help="comma list of categories quantized to int6 (embed, mlp, attn, other)", env="INT6_CATEGORIES")
+    int5_categories: str = param("", help="comma list of categories quantized to int5 (abs-max, [-16, 15])")
     keep_float_max_numel: int = param(65_536, help="float tensors up to this size are stored fp16", validator=positive)
 
 
@@ -59,11 +63,20 @@ def quantize_int6_per_row(t: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
+def quantize_int5_per_row(t: Tensor) -> tuple[Tensor, Tensor]:
+    t32 = t.float()
+    row_max = t32.abs().amax(dim=1) if t32.ndim == 2 else t32.abs().max()
+    scale = (row_max / 15.0).clamp_min(1e-12).to(torch.float16)
+    s = scale.float()[:, None] if t32.ndim == 2 else scale.float()
+    return torch.clamp(torch.round(t32 / s), -16, 15).to(torch.int8), scale
+
+
 class Int6Absmax:
     label = "int6"
 
     def __init__(self, params: Int6AbsmaxParams) -> None:
         self.categories = set(_categories(params.int6_categories))
+        self.int5_categories = set(_categories(params.int5_categories))
         self.keep_float_max_numel = params.keep_float_max_numel
         self.int8 = Int8Rowwise(Int8RowwiseParams())
         self.template: dict[str, tuple[torch.dtype, torch.Size]] = {}
@@ -84,7 +97,11 @@ class Int6Absmax:
                 meta[name] = "passthrough_ctrl"
                 stats["num_passthrough"] += 1
             else:
-                if classify(name) in self.categories and t.ndim >= 1:
+                if classify(name) in self.int5_categories and t.ndim >= 1:
+                    q, s = quantize_int5_per_row(t)
+                    meta[name] = {"type": "int5"}
+                    stats["num_int5"] = stats.get("num_int5", 0) + 1
+                elif classify(name) in self.categories and t.ndim >= 1:
                     q, s = quantize_int6_per_row(t)
                     meta[name] = {"type": "int6"}
                     stats["num_int6"] += 1

@@ -19,6 +19,7 @@ from pgolf_core.config.fields import in_range, param, positive
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.layers import is_control_tensor
 from pgolf_core.registry import Technique
+from plugins.quantizer.int8_rowwise import dequantize_rows, quantize_rows
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -39,19 +40,7 @@ def classify(name: str) -> str:
 
 
 def quantize_bits(t: Tensor, bits: int, clip_q: float) -> tuple[Tensor, Tensor]:
-    maxq = (1 << (bits - 1)) - 1
-    minq = -(1 << (bits - 1))
-    t32 = t.float()
-    if t32.ndim == 2:
-        clip_abs = torch.quantile(t32.abs(), clip_q, dim=1) if t32.numel() else torch.empty((t32.shape[0],), dtype=torch.float32)
-        clipped = torch.maximum(torch.minimum(t32, clip_abs[:, None]), -clip_abs[:, None])
-        scale = (clip_abs / float(maxq)).clamp_min(1.0 / float(maxq))
-        q = torch.clamp(torch.round(clipped / scale[:, None]), minq, maxq).to(torch.int8).contiguous()
-        return q, scale.to(dtype=torch.float16).contiguous()
-    clip_abs = float(torch.quantile(t32.abs().flatten(), clip_q).item()) if t32.numel() else 0.0
-    scale = torch.tensor(clip_abs / float(maxq) if clip_abs > 0 else 1.0, dtype=torch.float32)
-    q = torch.clamp(torch.round(torch.clamp(t32, -clip_abs, clip_abs) / scale), minq, maxq).to(torch.int8).contiguous()
-    return q, scale
+    return quantize_rows(t, clip_q, maxq=(1 << (bits - 1)) - 1, minq=-(1 << (bits - 1)))
 
 
 class Int6Percentile:
@@ -92,22 +81,7 @@ class Int6Percentile:
     def dequantize(self, obj: dict) -> dict[str, Tensor]:
         if obj.get("__quant_format__") != self.fmt:
             raise ValueError(f"artifact format {obj.get('__quant_format__')!r} is not {self.fmt!r}")
-        out: dict[str, Tensor] = {}
-        qmeta = obj.get("qmeta", {})
-        orig = obj.get("passthrough_orig_dtypes", {})
-        for name, q in obj["quantized"].items():
-            dtype = getattr(torch, obj["dtypes"][name])
-            s = obj["scales"][name]
-            if qmeta.get(name, {}).get("scheme") == "per_row" or s.ndim > 0:
-                out[name] = (q.float() * s.to(torch.float32).view(q.shape[0], *([1] * (q.ndim - 1)))).to(dtype=dtype).contiguous()
-            else:
-                out[name] = (q.float() * float(s.item())).to(dtype=dtype).contiguous()
-        for name, t in obj["passthrough"].items():
-            t = t.detach().to("cpu").contiguous()
-            if isinstance(orig.get(name), str):
-                t = t.to(dtype=getattr(torch, orig[name])).contiguous()
-            out[name] = t
-        return out
+        return dequantize_rows(obj)
 
 
 @hookimpl

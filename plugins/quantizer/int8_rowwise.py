@@ -24,6 +24,45 @@ class Int8RowwiseParams:
     keep_float_max_numel: int = param(65_536, help="float tensors up to this size are stored unquantized", validator=positive)
 
 
+def quantize_rows(t: Tensor, clip_q: float, maxq: int, minq: int) -> tuple[Tensor, Tensor]:
+    """Percentile-clipped symmetric quantization: per row (fp16 scales) for matrices, one fp32 scale otherwise.
+
+    The baseline uses ``[-127, 127]``; PR #400's per-category export uses ``[-2^(b-1), 2^(b-1)-1]``.
+    """
+    t32 = t.float()
+    if t32.ndim == 2:
+        clip_abs = torch.quantile(t32.abs(), clip_q, dim=1) if t32.numel() else torch.empty((t32.shape[0],), dtype=torch.float32)
+        clipped = torch.maximum(torch.minimum(t32, clip_abs[:, None]), -clip_abs[:, None])
+        scale = (clip_abs / float(maxq)).clamp_min(1.0 / float(maxq))
+        q = torch.clamp(torch.round(clipped / scale[:, None]), minq, maxq).to(torch.int8).contiguous()
+        return q, scale.to(dtype=torch.float16).contiguous()
+    clip_abs = float(torch.quantile(t32.abs().flatten(), clip_q).item()) if t32.numel() else 0.0
+    scale = torch.tensor(clip_abs / float(maxq) if clip_abs > 0 else 1.0, dtype=torch.float32)
+    q = torch.clamp(torch.round(torch.clamp(t32, -clip_abs, clip_abs) / scale), minq, maxq).to(torch.int8).contiguous()
+    return q, scale
+
+
+def dequantize_rows(obj: dict) -> dict[str, Tensor]:
+    """Inverse of the ``quantized/scales/dtypes/passthrough`` layout shared by the baseline and PR #400."""
+    out: dict[str, Tensor] = {}
+    qmeta = obj.get("qmeta", {})
+    orig_dtypes = obj.get("passthrough_orig_dtypes", {})
+    for name, q in obj["quantized"].items():
+        dtype = getattr(torch, obj["dtypes"][name])
+        s = obj["scales"][name]
+        if qmeta.get(name, {}).get("scheme") == "per_row" or s.ndim > 0:
+            s = s.to(dtype=torch.float32)
+            out[name] = (q.float() * s.view(q.shape[0], *([1] * (q.ndim - 1)))).to(dtype=dtype).contiguous()
+        else:
+            out[name] = (q.float() * float(s.item())).to(dtype=dtype).contiguous()
+    for name, t in obj["passthrough"].items():
+        restored = t.detach().to("cpu").contiguous()
+        if isinstance(orig_dtypes.get(name), str):
+            restored = restored.to(dtype=getattr(torch, orig_dtypes[name])).contiguous()
+        out[name] = restored
+    return out
+
+
 def _nbytes(t: Tensor) -> int:
     return int(t.numel()) * int(t.element_size())
 
@@ -37,19 +76,7 @@ class Int8Rowwise:
         self.keep_float_max_numel = params.keep_float_max_numel
 
     def quantize_tensor(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        t32 = t.float()
-        if t32.ndim == 2:
-            clip_abs = (
-                torch.quantile(t32.abs(), self.clip_q, dim=1) if t32.numel() else torch.empty((t32.shape[0],), dtype=torch.float32)
-            )
-            clipped = torch.maximum(torch.minimum(t32, clip_abs[:, None]), -clip_abs[:, None])
-            scale = (clip_abs / 127.0).clamp_min(1.0 / 127.0)
-            q = torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8).contiguous()
-            return q, scale.to(dtype=torch.float16).contiguous()
-        clip_abs = float(torch.quantile(t32.abs().flatten(), self.clip_q).item()) if t32.numel() else 0.0
-        scale = torch.tensor(clip_abs / 127.0 if clip_abs > 0 else 1.0, dtype=torch.float32)
-        q = torch.clamp(torch.round(torch.clamp(t32, -clip_abs, clip_abs) / scale), -127, 127).to(torch.int8).contiguous()
-        return q, scale
+        return quantize_rows(t, self.clip_q, maxq=127, minq=-127)
 
     def quantize(self, state_dict: dict[str, Tensor]) -> tuple[dict, dict]:
         quantized, scales, dtypes, passthrough, orig_dtypes, qmeta = {}, {}, {}, {}, {}, {}
@@ -92,23 +119,7 @@ class Int8Rowwise:
     def dequantize(self, obj: dict) -> dict[str, Tensor]:
         if obj.get("__quant_format__") != self.fmt:
             raise ValueError(f"artifact format {obj.get('__quant_format__')!r} is not {self.fmt!r}")
-        out: dict[str, Tensor] = {}
-        qmeta = obj.get("qmeta", {})
-        orig_dtypes = obj.get("passthrough_orig_dtypes", {})
-        for name, q in obj["quantized"].items():
-            dtype = getattr(torch, obj["dtypes"][name])
-            s = obj["scales"][name]
-            if qmeta.get(name, {}).get("scheme") == "per_row" or s.ndim > 0:
-                s = s.to(dtype=torch.float32)
-                out[name] = (q.float() * s.view(q.shape[0], *([1] * (q.ndim - 1)))).to(dtype=dtype).contiguous()
-            else:
-                out[name] = (q.float() * float(s.item())).to(dtype=dtype).contiguous()
-        for name, t in obj["passthrough"].items():
-            restored = t.detach().to("cpu").contiguous()
-            if isinstance(orig_dtypes.get(name), str):
-                restored = restored.to(dtype=getattr(torch, orig_dtypes[name])).contiguous()
-            out[name] = restored
-        return out
+        return dequantize_rows(obj)
 
 
 def build(params: Int8RowwiseParams, ctx) -> Int8Rowwise:

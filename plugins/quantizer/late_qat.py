@@ -45,6 +45,8 @@ class LateQAT:
         """Acts on the built model (every CastedLinear, as the reference's class flag did), not on the spec."""
 
     def attach(self, model) -> None:
+        if self.params.mode == "inert":
+            return  # like the compiled reference graph: no fake-quant branch at all, so no extra work per step
         self.linears = [m for m in model.modules() if isinstance(m, CastedLinear)]
         for m in self.linears:
             m.enable_fake_quant(self.params.bits)

@@ -1,0 +1,285 @@
+"""What a finished run directory says about itself: ``report.md``, ``loss.png``, and ``pgolf compare``.
+
+Everything is read back from the files a run leaves (``summary.json``, ``metrics.jsonl``, ``stack.toml``,
+``log.txt``), so a report can be rebuilt for any old run (``pgolf report RUN_DIR``) and compared with
+others. Switches that techniques log in the reference scripts' format (``swa:start step:4450``,
+``late_qat:enabled step:4717 scale:0.1499``, ``ema:applying EMA weights``) are marked on the curves.
+matplotlib is optional (``pip install 'pgolf[plot]'``): without it the markdown is still written and the
+report says why there is no picture.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import DataError
+from .hookspecs import SLOTS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SWITCH = re.compile(r"^(?P<name>[a-z][a-z0-9_]*):(?P<what>start|enabled|applying|disabled)\b(?P<rest>.*)$")
+STEP = re.compile(r"step:?\s*(\d+)")
+NO_MATPLOTLIB = "matplotlib is not installed (pip install 'pgolf[plot]')"
+
+
+@attrs.define
+class Switch:
+    """A technique turning something on (or applying averaged weights) at a step; ``step`` None means after training."""
+
+    name: str
+    step: int | None
+    line: str
+
+
+@attrs.define
+class RunRecord:
+    """One run directory, read back."""
+
+    path: Path
+    summary: dict[str, Any]
+    submission: dict[str, Any]
+    stack: dict[str, Any]
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    finals: list[dict[str, Any]]
+    switches: list[Switch]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.summary.get("run_id") or self.path.name)
+
+    @property
+    def final_loss(self) -> float | None:
+        """The submission's val_loss (nats): the last final evaluation line, as in submission.json."""
+        if "val_loss" in self.submission:
+            return float(self.submission["val_loss"])
+        return float(self.finals[-1]["val_loss"]) if self.finals else None
+
+    @property
+    def final_bpb(self) -> float | None:
+        if "val_bpb" in self.submission:
+            return float(self.submission["val_bpb"])
+        return float(self.finals[-1]["val_bpb"]) if self.finals else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); the run directory is damaged") from None
+
+
+def read_run(path: str | Path) -> RunRecord:
+    """Read a run directory; a path that is not one raises ``DataError`` naming what is missing."""
+    run = Path(path)
+    if not run.is_dir():
+        raise DataError(f"{run}: not a directory; pass a run directory such as runs/<run_id>")
+    metrics_path = run / "metrics.jsonl"
+    if not metrics_path.is_file() and not (run / "summary.json").is_file():
+        raise DataError(f"{run}: no metrics.jsonl or summary.json; not a pgolf run directory (or the run never started)")
+    records = []
+    if metrics_path.is_file():
+        for number, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise DataError(f"{metrics_path}:{number}: not a JSON record") from None
+    stack_path = run / "stack.toml"
+    stack = tomllib.loads(stack_path.read_text(encoding="utf-8")) if stack_path.is_file() else {}
+    log_path = run / "log.txt"
+    switches = parse_switches(log_path.read_text(encoding="utf-8")) if log_path.is_file() else []
+    return RunRecord(
+        path=run,
+        summary=_read_json(run / "summary.json"),
+        submission=_read_json(run / "submission.json"),
+        stack=stack,
+        train=[r for r in records if r.get("kind") == "train"],
+        val=[r for r in records if r.get("kind") == "val"],
+        finals=[r for r in records if r.get("kind") == "final"],
+        switches=switches,
+    )
+
+
+def parse_switches(log_text: str) -> list[Switch]:
+    out = []
+    for raw in log_text.splitlines():
+        line = raw.strip()
+        m = SWITCH.match(line)
+        if not m:
+            continue
+        step = STEP.search(m.group("rest"))
+        # A switch happens at a step; only "applying" (averaged weights, after training) may come without one.
+        if step or m.group("what") == "applying":
+            out.append(Switch(f"{m.group('name')}:{m.group('what')}", int(step.group(1)) if step else None, line))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def render_markdown(run: RunRecord, plot_note: str | None) -> str:
+    s, stack = run.summary, run.stack
+    meta = stack.get("meta", {})
+    title = meta.get("name") or Path(str(s.get("stack", ""))).stem or run.run_id
+    lines = [f"# {title}: run {run.run_id}", ""]
+    if meta.get("description"):
+        lines += [meta["description"], ""]
+    steps, train_ms = s.get("steps"), s.get("train_time_ms")
+    iterations = stack.get("run", {}).get("iterations")
+    stopped = f" of {iterations} (stopped at the wallclock cap)" if iterations and steps is not None and steps < iterations else ""
+    cap = stack.get("run", {}).get("artifact_cap_bytes")
+    step_ms = train_ms / steps if steps and train_ms is not None else None
+    rows = [
+        ("final val_bpb", f"{_fmt(run.final_bpb, '.8f')}" + (f" ({run.finals[-1].get('name')})" if run.finals else "")),
+        ("final val_loss", f"{_fmt(run.final_loss, '.8f')} nats"),
+        ("stack", f"`{s.get('stack', '-')}`" + (f" (PR #{meta['pr']})" if meta.get("pr") else "")),
+        ("seed", _fmt(s.get("seed"))),
+        ("steps", f"{_fmt(steps)}{stopped}"),
+        ("train time", f"{_fmt(train_ms / 1000.0 if train_ms is not None else None, '.1f')} s ({_fmt(step_ms, '.2f')} ms/step)"),
+        ("parameters", _fmt(s.get("model_params"), ",")),
+        (
+            "artifact",
+            f"{_fmt(s.get('bytes_total'), ',')} bytes (code {_fmt(s.get('bytes_code'), ',')} + model {_fmt(s.get('bytes_model'), ',')})"
+            + (f" of the {cap:,}-byte cap" if cap else ""),
+        ),
+        ("compliant evaluation", {True: "yes", False: "no"}.get(s.get("compliant"), "-")),
+    ]
+    if meta.get("reported_val_bpb") is not None:
+        rows.append(("reported val_bpb", _fmt(meta["reported_val_bpb"])))
+    lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+
+    techniques = [(slot, stack[slot]["use"]) for slot in SLOTS if isinstance(stack.get(slot), dict) and "use" in stack[slot]]
+    techniques += [(f"modifier[{i}]", f"{m.get('use')} (layers {m.get('layers', 'all')!r})") for i, m in enumerate(stack.get("modifier", []))]
+    if techniques:
+        lines += ["## Techniques", "", "| slot | technique |", "|---|---|", *(f"| {a} | {b} |" for a, b in techniques), ""]
+        lines += ["The resolved stack is `stack.toml`; the full log is `log.txt`.", ""]
+
+    if run.switches:
+        lines += ["## Switches", ""]
+        lines += [f"- {'after training' if w.step is None else f'step {w.step}'}: `{w.line}`" for w in run.switches]
+        lines += [""]
+
+    if run.val:
+        lines += ["## Validation during training", "", "| step | train time (s) | val_loss | val_bpb |", "|---:|---:|---:|---:|"]
+        lines += [
+            f"| {v.get('step')} | {_fmt(v.get('train_time_ms', 0) / 1000.0, '.1f')} | {_fmt(v.get('val_loss'), '.4f')} | {_fmt(v.get('val_bpb'), '.4f')} |"
+            for v in run.val
+        ]
+        lines += [""]
+    if run.finals:
+        lines += ["## Final evaluation (after the artifact round trip)", "", "| line | val_loss | val_bpb | eval time (ms) |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {f.get('name')} | {_fmt(f.get('val_loss'), '.8f')} | {_fmt(f.get('val_bpb'), '.8f')} | {_fmt(f.get('eval_time_ms'), '.0f')} |"
+            for f in run.finals
+        ]
+        lines += [""]
+    lines += ["## Curves", ""]
+    lines += [f"loss.png was not drawn: {plot_note}." if plot_note else "![train and validation loss, LR multiplier](loss.png)"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]) -> Any:
+    """A matplotlib Figure without pyplot (no GUI backend, safe in threads and on headless machines)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
+
+
+def plot_run(run: RunRecord, path: Path) -> None:
+    fig = _figure(1, 3, (15, 4.2))
+    by_step, by_time, lr = fig.subplots(1, 3)
+    for ax, key, scale, label in ((by_step, "step", 1.0, "step"), (by_time, "train_time_ms", 1e-3, "train time (s)")):
+        if run.train:
+            ax.plot([r[key] * scale for r in run.train], [r["train_loss"] for r in run.train], label="train loss", lw=1)
+        if run.val:
+            ax.plot([r[key] * scale for r in run.val], [r["val_loss"] for r in run.val], "o-", label="val loss", ms=4)
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats)")
+        ax.grid(alpha=0.3)
+    if run.train and any("lr_scale" in r for r in run.train):
+        lr.plot([r["step"] for r in run.train], [r.get("lr_scale", float("nan")) for r in run.train], color="tab:green")
+    lr.set_xlabel("step")
+    lr.set_ylabel("LR multiplier")
+    lr.grid(alpha=0.3)
+    last = run.summary.get("steps") or (run.train[-1]["step"] if run.train else 0)
+    for w in run.switches:
+        x = last if w.step is None else w.step
+        for ax in (by_step, lr):
+            ax.axvline(x, color="tab:red", ls="--", lw=0.8)
+            ax.annotate(w.name, (x, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7)
+    by_step.legend()
+    fig.suptitle(f"{run.run_id}: final val_bpb {_fmt(run.final_bpb, '.4f')}")
+    fig.savefig(path, dpi=110)
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path | None]:
+    """Write ``report.md`` (always) and ``loss.png`` (with matplotlib) into a finished run directory."""
+    run = read_run(run_dir)
+    png: Path | None = run.path / "loss.png"
+    note = None
+    try:
+        plot_run(run, png)
+    except ImportError:
+        png, note = None, NO_MATPLOTLIB
+    md = run.path / "report.md"
+    md.write_text(render_markdown(run, note), encoding="utf-8")
+    return md, png
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compare
+
+
+def compare_table(runs: list[RunRecord]) -> str:
+    """A markdown table of several runs: the ablation picture in numbers."""
+    head = "| run | stack | seed | steps | train s | params | bytes_total | val_loss | val_bpb |"
+    rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        s = r.summary
+        train_s = s.get("train_time_ms") / 1000.0 if s.get("train_time_ms") is not None else None
+        rows.append(
+            f"| {r.run_id} | {s.get('stack', '-')} | {_fmt(s.get('seed'))} | {_fmt(s.get('steps'))} | {_fmt(train_s, '.1f')} | "
+            f"{_fmt(s.get('model_params'), ',')} | {_fmt(s.get('bytes_total'), ',')} | {_fmt(r.final_loss, '.5f')} | {_fmt(r.final_bpb, '.5f')} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plot_compare(runs: list[RunRecord], path: Path) -> None:
+    fig = _figure(1, 2, (12, 4.2))
+    train_ax, val_ax = fig.subplots(1, 2)
+    for r in runs:
+        (line,) = train_ax.plot([x["step"] for x in r.train], [x["train_loss"] for x in r.train], lw=1, label=r.run_id)
+        if r.val:
+            val_ax.plot([x["step"] for x in r.val], [x["val_bpb"] for x in r.val], "o-", ms=3, color=line.get_color(), label=r.run_id)
+    train_ax.set(xlabel="step", ylabel="train loss (nats)")
+    val_ax.set(xlabel="step", ylabel="val_bpb")
+    for ax in (train_ax, val_ax):
+        ax.grid(alpha=0.3)
+    train_ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
