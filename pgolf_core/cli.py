@@ -56,10 +56,85 @@ def _load(args: argparse.Namespace):
 
 
 # ---------------------------------------------------------------------------------------------------------
+STRUCTURAL_PREFIXES = ("model.", "embedding.", "attention.", "mlp.", "residual.", "topology.", "head.", "init.", "modifier")
+STRUCTURAL_KEYS = ("optimizer.use", "averaging.use", "data.train_seq_len", "data.train_batch_tokens", "run.grad_accum_base")
+
+
+def _resume_target(value: str) -> tuple[Path, str, str]:
+    """``--resume RUN_DIR`` → (the run's directory, run_id, out_dir); a failed run is reopened as partial."""
+    path = Path(value)
+    name = path.name
+    for suffix in (".partial", ".failed"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    partial = path.parent / f"{name}.partial"
+    failed = path.parent / f"{name}.failed"
+    if (path.parent / name).is_dir() and not partial.exists():
+        raise ConfigError(f"--resume {value}: that run already finished; nothing to resume")
+    if not partial.is_dir() and failed.is_dir() and int(os.environ.get("RANK", "0")) == 0:
+        os.replace(failed, partial)  # under torchrun the launcher has done this before the workers start
+    if not partial.is_dir():
+        raise ConfigError(f"--resume {value}: no run directory {partial} (or .failed) to resume")
+    if not (partial / "stack.toml").is_file():
+        raise ConfigError(f"--resume {value}: {partial}/stack.toml is missing; this is not a pgolf run directory")
+    return partial, name, str(path.parent)
+
+
+def _check_resume_stack(stack, registry, run_path: Path, force: bool) -> None:
+    """Refuse to continue a run with a different recipe; --force lets non-structural keys change."""
+    from .config import load_stack
+    from .config.diff import flatten
+    from .config.dump import stack_to_dict
+
+    saved = flatten(stack_to_dict(load_stack(run_path / "stack.toml", registry)))
+    now = flatten(stack_to_dict(stack))
+    ignore = {"run.run_id", "run.out_dir"}
+    diffs = [k for k in sorted(set(saved) | set(now)) if k not in ignore and saved.get(k) != now.get(k)]
+    structural = [k for k in diffs if k.startswith(STRUCTURAL_PREFIXES) or k in STRUCTURAL_KEYS]
+    blocking = structural if force else diffs
+    if blocking:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in blocking[:6])
+        more = f" (+{len(blocking) - 6} more)" if len(blocking) > 6 else ""
+        hint = "these change the model or its state and cannot be overridden" if force else "pass the same stack, or --force for keys that do not change the model"
+        raise ConfigError(f"--resume {run_path}: the stack differs from the run's ({shown}{more}); {hint}")
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask the loop to finish the current step, checkpoint and stop (agreed across ranks)."""
+
+    def __init__(self, runtime) -> None:
+        import signal
+
+        self.runtime = runtime
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __call__(self) -> bool:
+        if not self.runtime.distributed:
+            return self.raised
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor(int(self.raised), device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     nproc = _nproc(args.nproc_per_node)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     stack, registry = _load(args)  # validate before launching anything
+    resume_path = None
+    if args.resume:
+        resume_path, run_id, out_dir = _resume_target(args.resume)
+        _check_resume_stack(stack, registry, resume_path, args.force)
+        stack = attrs.evolve(stack, run=attrs.evolve(stack.run, run_id=run_id, out_dir=out_dir))
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: must be a positive number of steps")
     if not under_torchrun and (nproc > 1 or (args.nnodes and args.nnodes != "1")):
         return _launch_torchrun(args, nproc, stack)
 
@@ -72,14 +147,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         data_files = load_data(stack, runtime.device)  # bad data fails here, before anything is written
         run_id = stack.run.run_id or os.environ.get("PGOLF_RUN_ID") or new_run_id(stack.meta.name or Path(stack.path).stem)
         rundir = RunDir(stack.run.out_dir, broadcast_str(run_id, runtime), runtime.is_master)
-        rundir.open()
+        rundir.open(resume=resume_path is not None)
         if runtime.is_master:
             print(f"run directory: {rundir.path}", file=sys.stderr)
         from .progress import attach
 
         detach_progress = attach(registry, rundir, runtime)  # a bar on a terminal, plain lines elsewhere
         try:
-            run_training(stack, registry, runtime, rundir, data_files)
+            stop = StopFlag(runtime) if args.checkpoint_every else None
+            run_training(
+                stack, registry, runtime, rundir, data_files,
+                checkpoint_every=args.checkpoint_every or 0, resume=resume_path is not None, stop_requested=stop,
+            )
         except BaseException as exc:
             reason = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
             failed = rundir.fail(reason)
@@ -152,6 +231,12 @@ def _launch_torchrun(args: argparse.Namespace, nproc: int, stack) -> int:
         cmd += ["--out-dir", args.out_dir]
     if args.run_id:
         cmd += ["--run-id", args.run_id]
+    if args.checkpoint_every:
+        cmd += ["--checkpoint-every", str(args.checkpoint_every)]
+    if args.resume:
+        cmd += ["--resume", str(Path(stack.run.out_dir) / f"{stack.run.run_id}.partial")]
+    if args.force:
+        cmd.append("--force")
     if args.debug:
         cmd.append("--debug")
     env = dict(os.environ)
@@ -424,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc-per-node", default="auto", help="processes on this node; 'auto' = number of GPUs (1 on CPU)")
     run.add_argument("--run-id", help="run directory name (default: timestamp-name-hex)")
     run.add_argument("--out-dir", help="parent of the run directory (default: run.out_dir)")
+    run.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="checkpoint every N steps (and on SIGTERM/SIGINT)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a killed or failed run from its last complete checkpoint")
+    run.add_argument("--force", action="store_true", help="with --resume: allow stack changes that do not change the model")
     for key in TORCHRUN_PASSTHROUGH:
         run.add_argument(f"--{key.replace('_', '-')}", dest=key, help=f"passed to torchrun as --{key}")
     run.set_defaults(func=cmd_run)

@@ -48,10 +48,13 @@ class RunDir:
         self._log = None
         self._metrics = None
 
-    def open(self) -> None:
+    def open(self, resume: bool = False) -> None:
         if not self.is_master:
             return
-        if self.final.exists():
+        if resume:
+            if not self.path.is_dir():
+                raise ConfigError(f"cannot resume: {self.path} does not exist")
+        elif self.final.exists():
             raise ConfigError(f"run directory {self.final} already exists; choose another run.run_id")
         self.path.mkdir(parents=True, exist_ok=True)
         self._log = open(self.path / "log.txt", "a", encoding="utf-8", buffering=1)

@@ -29,7 +29,7 @@ from .artifact import build_artifact, code_bytes, load_artifact
 from .config.dump import stack_to_toml
 from .config.schema import Stack
 from .data import TRAIN_PATTERN, VAL_PATTERN, DistributedTokenLoader, load_validation_tokens, read_shard_header, shard_files
-from .errors import BudgetError, DataError
+from .errors import BudgetError, DataError, PgolfError
 from .evaluate import EvalEnv, ValData, eval_val
 from .model.gpt import build_model, count_parameters
 from .model.layers import cast_for_device
@@ -56,6 +56,25 @@ class TrainState:
     train_time_ms: float = 0.0
     train_loss: float | None = None
     last_val: tuple[float, float] | None = None
+
+
+@attrs.define
+class LoopState:
+    """Where the main loop is: the part of a checkpoint that is not a tensor."""
+
+    step: int = 0
+    training_time_ms: float = 0.0
+    stop_after_step: int | None = None
+
+
+class Interrupted(PgolfError):
+    """A signal stopped the run after a completed (and checkpointed) step."""
+
+    exit_code = 130
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped by a signal after step {step}; the checkpoint was saved, continue with --resume RUN_DIR")
+        self.step = step
 
 
 class Events:
@@ -159,7 +178,13 @@ class Trainer:
         self.state = TrainState(stack, runtime, self.base_model, self.optimizers, log, iterations=args.iterations)
         objects = [self.schedule, self.averaging, self.quantizer, self.compressor, self.evaluator, *modifier_objects]
         self.events = Events(objects, registry)
+        self.stateful = [o for o in objects if callable(getattr(o, "state_dict", None))]
         self.n_params = count_parameters(self.base_model)
+        self.loop = LoopState()
+        self._resumed_objects: list[Any] | None = None
+        self.checkpoint_every = 0
+        self.checkpoint_fn: Any = None  # called with the step after a step that is a multiple of checkpoint_every
+        self.stop_requested: Any = lambda: False  # a signal asked us to stop after this step
 
     def _new_loader(self) -> DistributedTokenLoader:
         rt = self.runtime
@@ -211,6 +236,35 @@ class Trainer:
             self.model.require_backward_grad_sync = True
         self.loader = self._new_loader()
 
+    # -- checkpoint state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue as the same run, for this rank."""
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if self.runtime.is_cuda:
+            rng["cuda"] = torch.cuda.get_rng_state(self.runtime.device)
+        return {
+            "model": self.base_model.state_dict(),
+            "optimizers": self.optimizers.state_dict(),
+            "loader": self.loader.state_dict(),
+            "objects": [o.state_dict() for o in self.stateful],
+            "loop": attrs.asdict(self.loop),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base_model.load_state_dict(state["model"], strict=True)
+        self.optimizers.load_state_dict(state["optimizers"])
+        self.loader.load_state_dict(state["loader"])
+        self.loop = LoopState(**state["loop"])
+        # Technique state is applied after on_train_start, which would otherwise re-initialise it (EMA).
+        self._resumed_objects = state["objects"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"].cpu())
+        if "cuda" in rng and self.runtime.is_cuda:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.runtime.device)
+
     # -- the run ----------------------------------------------------------------------------------------
     def log_header(self) -> None:
         log, data, args = self.log, self.stack.data, self.stack.run
@@ -232,12 +286,16 @@ class Trainer:
         """The main loop (wallclock cap, periodic validation, events); returns (steps, training ms)."""
         args, rt, log, state, events = self.stack.run, self.runtime, self.log, self.state, self.events
         max_wallclock_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
-        stop_after_step: int | None = None
-        training_time_ms = 0.0
+        loop = self.loop
+        stop_after_step, training_time_ms, step = loop.stop_after_step, loop.training_time_ms, loop.step
         events.fire("on_train_start", state)
+        if self._resumed_objects is not None:
+            for obj, obj_state in zip(self.stateful, self._resumed_objects, strict=True):
+                obj.load_state_dict(obj_state)
+            self._resumed_objects = None
+            log(f"resumed at step:{step}/{args.iterations} train_time:{training_time_ms:.0f}ms")
         rt.sync()
         t0 = time.perf_counter()
-        step = 0
         while True:
             last_step = step == args.iterations or (stop_after_step is not None and step >= stop_after_step)
             if last_step or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
@@ -282,6 +340,12 @@ class Trainer:
                 reached_cap = bool(flag.item())
             if stop_after_step is None and reached_cap:
                 stop_after_step = step
+            stop_now = self.stop_requested()
+            if self.checkpoint_fn is not None and ((self.checkpoint_every and step % self.checkpoint_every == 0) or stop_now):
+                self.loop = LoopState(step=step, training_time_ms=approx_ms, stop_after_step=stop_after_step)
+                self.checkpoint_fn(step)
+            if stop_now:
+                raise Interrupted(step)
         events.fire("on_train_end", state)
         if rt.is_cuda:
             log(
@@ -342,13 +406,36 @@ def log_provenance(stack: Stack, log: Any, resolved_toml: str) -> None:
     log("=" * 100, console=False)
 
 
-def run_training(stack: Stack, registry: Registry, runtime: Runtime, rundir: RunDir, data_files: DataFiles) -> dict[str, Any]:
+def run_training(
+    stack: Stack,
+    registry: Registry,
+    runtime: Runtime,
+    rundir: RunDir,
+    data_files: DataFiles,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    stop_requested: Any = None,
+) -> dict[str, Any]:
+    from . import checkpoint
+
     resolved_toml = stack_to_toml(stack)
-    rundir.write_text("stack.toml", resolved_toml)
-    log_provenance(stack, rundir.log, resolved_toml)
+    if not resume:
+        rundir.write_text("stack.toml", resolved_toml)
+        log_provenance(stack, rundir.log, resolved_toml)
     trainer = Trainer(stack, registry, runtime, data_files, rundir.log, rundir.metric)
     trainer.log_header()
-    trainer.warmup(stack.run.warmup_steps)
+    latest = checkpoint.latest(rundir.path) if resume else None
+    if latest is not None:
+        trainer.load_state_dict(checkpoint.load(latest, runtime))
+    else:
+        if resume:
+            rundir.log("resume: no complete checkpoint in the run directory; starting from step 0")
+        trainer.warmup(stack.run.warmup_steps)
+    if checkpoint_every or stop_requested is not None:
+        trainer.checkpoint_every = checkpoint_every
+        trainer.checkpoint_fn = lambda step: checkpoint.save(rundir.path, step, trainer.state_dict(), runtime)
+    if stop_requested is not None:
+        trainer.stop_requested = stop_requested
     steps, training_time_ms = trainer.train()
     artifact, results = trainer.export_and_evaluate(rundir, resolved_toml)
     final_name, final_loss, final_bpb = results[-1][:3]
