@@ -79,9 +79,7 @@ class Int6Percentile:
         return obj, stats
 
     def dequantize(self, obj: dict) -> dict[str, Tensor]:
-        if obj.get("__quant_format__") != self.fmt:
-            raise ValueError(f"artifact format {obj.get('__quant_format__')!r} is not {self.fmt!r}")
-        return dequantize_rows(obj)
+        return dequantize_rows(obj, self.fmt)
 
 
 @hookimpl

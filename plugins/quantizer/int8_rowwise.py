@@ -42,8 +42,11 @@ def quantize_rows(t: Tensor, clip_q: float, maxq: int, minq: int) -> tuple[Tenso
     return q, scale
 
 
-def dequantize_rows(obj: dict) -> dict[str, Tensor]:
-    """Inverse of the ``quantized/scales/dtypes/passthrough`` layout shared by the baseline and PR #400."""
+def dequantize_rows(obj: dict, fmt: str) -> dict[str, Tensor]:
+    """Inverse of the ``quantized/scales/dtypes/passthrough`` layout shared by the baseline and PR #400;
+    refuses an artifact written in another format (``__quant_format__``)."""
+    if obj.get("__quant_format__") != fmt:
+        raise ValueError(f"artifact format {obj.get('__quant_format__')!r} is not {fmt!r}")
     out: dict[str, Tensor] = {}
     qmeta = obj.get("qmeta", {})
     orig_dtypes = obj.get("passthrough_orig_dtypes", {})
@@ -117,9 +120,7 @@ class Int8Rowwise:
         return obj, stats
 
     def dequantize(self, obj: dict) -> dict[str, Tensor]:
-        if obj.get("__quant_format__") != self.fmt:
-            raise ValueError(f"artifact format {obj.get('__quant_format__')!r} is not {self.fmt!r}")
-        return dequantize_rows(obj)
+        return dequantize_rows(obj, self.fmt)
 
 
 def build(params: Int8RowwiseParams, ctx) -> Int8Rowwise:
