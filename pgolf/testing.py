@@ -372,7 +372,9 @@ def _check_model(stack: Any, registry: Any, technique: Any, seed: int, fail: Cal
     if loss.ndim != 0 or not bool(torch.isfinite(loss)):
         raise fail("forward/backward", f"the loss must be a finite scalar, got {loss!r}")
     loss.backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    # Parameters marked untrained (``_pgolf_untrained``, e.g. recurrence blend scales before their switch) are in
+    # no optimizer and kept out of DDP, so they may sit out of the loss.
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None and not getattr(p, "_pgolf_untrained", False)]
     if missing:
         raise fail(
             "forward/backward",

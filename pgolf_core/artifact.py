@@ -51,12 +51,40 @@ def code_files(stack: Stack, registry: Registry) -> list[Path]:
     core = Path(__file__).resolve().parent
     loaded = {Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
     files = sorted(p for p in loaded if p.suffix == ".py" and core in p.parents)
-    modules = {r.module for r in registry.all() if r.technique.name in _used(stack)}
+    modules = _with_package_imports({r.module for r in registry.all() if r.technique.name in _used(stack)})
     for name in sorted(modules):
         path = getattr(sys.modules.get(name), "__file__", None)
         if path:
             files.append(Path(path).resolve())
     return files
+
+
+def _with_package_imports(modules: set[str]) -> set[str]:
+    """Add, transitively, the modules of the same top-level package that these modules import (a technique that
+    reuses another technique's functions ships that file too)."""
+    import ast
+
+    seen: set[str] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if not path or not path.endswith(".py"):
+            continue
+        root = name.split(".")[0]
+        for node in ast.walk(ast.parse(Path(path).read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for target in targets:
+                if target.split(".")[0] == root and target in sys.modules and target not in seen:
+                    todo.append(target)
+    return seen
 
 
 def _used(stack: Stack) -> set[str]:
@@ -67,10 +95,15 @@ def code_bytes(stack: Stack, registry: Registry, stack_toml: str) -> int:
     return sum(p.stat().st_size for p in code_files(stack, registry)) + len(stack_toml.encode("utf-8"))
 
 
-def build_artifact(weights: dict[str, torch.Tensor], quantizer: Any, compressor: Any, bytes_code: int) -> Artifact:
+def build_artifact(weights: dict[str, torch.Tensor], quantizer: Any, compressor: Any, bytes_code: int, return_object: bool = False) -> Any:
+    """Quantize, let the quantizer fit the result to the cap if it can (``fit(obj, measure)``, e.g. selective
+    pruning, with ``measure`` = code + compressed bytes), serialize and compress."""
     obj, stats = quantizer.quantize(weights)
+    if callable(getattr(quantizer, "fit", None)):
+        obj = quantizer.fit(obj, lambda candidate: bytes_code + len(compressor.compress(serialize(candidate))))
     raw = serialize(obj)
-    return Artifact(compressor.compress(raw), len(raw), stats, bytes_code)
+    artifact = Artifact(compressor.compress(raw), len(raw), stats, bytes_code)
+    return (artifact, obj) if return_object else artifact
 
 
 def load_artifact(blob: bytes, quantizer: Any, compressor: Any) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Layout: ``<run dir>/checkpoints/step_<N>/rank<r>.pt`` (one file per rank: its model, optimizer, data-stream,
 technique and RNG state) and ``COMPLETE.json``, written by rank 0 last, with the world size and each rank
-file's sha256. Every file is written under a temporary name and renamed. A checkpoint without
+file's sha256. Every file is written under a temporary name and renamed (a full disk leaves the previous
+checkpoint as it was and fails with a one-line ``DiskFullError``). A checkpoint without
 ``COMPLETE.json``, or whose files do not match their recorded hashes, is torn: it is refused, and the
 previous complete one is used. Older checkpoints are deleted only after a newer one is complete.
 """
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import DataError
+from .errors import DataError, DiskFullError, disk_full, disk_full_error
 from .rundir import atomic_write
 from .runtime import Runtime
 
@@ -34,11 +35,21 @@ def _step_dir(run_path: Path, step: int) -> Path:
 def save(run_path: Path, step: int, state: dict[str, Any], runtime: Runtime) -> Path:
     """Write this rank's state for ``step``; rank 0 commits the checkpoint once every rank has written."""
     target = _step_dir(run_path, step)
-    target.mkdir(parents=True, exist_ok=True)
+    if (target / MARKER).is_file():  # this step is already committed (e.g. saved again right after a resume)
+        runtime.barrier()
+        return target
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    atomic_write(target / f"rank{runtime.rank}.pt", data)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        atomic_write(target / f"rank{runtime.rank}.pt", data)
+    except (OSError, DiskFullError) as exc:
+        if not runtime.distributed:  # a torn step directory is ignored anyway; free what it holds
+            shutil.rmtree(target, ignore_errors=True)
+        if isinstance(exc, OSError) and disk_full(exc):
+            raise disk_full_error(target) from None
+        raise
     digest = hashlib.sha256(data).hexdigest()
     digests = [digest]
     if runtime.distributed:
@@ -46,7 +57,12 @@ def save(run_path: Path, step: int, state: dict[str, Any], runtime: Runtime) -> 
         dist.all_gather_object(digests, digest)
     if runtime.is_master:
         meta = {"step": step, "world_size": runtime.world_size, "sha256": digests}
-        atomic_write(target / MARKER, (json.dumps(meta, indent=2) + "\n").encode())
+        try:
+            atomic_write(target / MARKER, (json.dumps(meta, indent=2) + "\n").encode())
+        except DiskFullError:
+            if not runtime.distributed:
+                shutil.rmtree(target, ignore_errors=True)
+            raise
         for older in sorted((run_path / DIRNAME).glob("step_*")):
             if older != target:
                 shutil.rmtree(older, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The ``pgolf`` command: run, validate, config, bench, list, show, stacks, schema, report, compare, significance, data.
+"""The ``pgolf`` command: run, validate, config, bench, list, show, stacks, schema, report, compare, significance, ledger, data.
 
 Every user error is printed as one line per problem on stderr (``error: …``) with exit code 2 (3 for an
 artifact over the cap) and no traceback; ``--debug`` shows tracebacks.
@@ -60,24 +60,90 @@ STRUCTURAL_PREFIXES = ("model.", "embedding.", "attention.", "mlp.", "residual."
 STRUCTURAL_KEYS = ("optimizer.use", "averaging.use", "data.train_seq_len", "data.train_batch_tokens", "run.grad_accum_base")
 
 
-def _resume_target(value: str) -> tuple[Path, str, str]:
-    """``--resume RUN_DIR`` → (the run's directory, run_id, out_dir); a failed run is reopened as partial."""
+def _resume_names(value: str) -> tuple[Path, str, str]:
+    """``--resume RUN_DIR`` → (the run's .partial directory, run_id, out_dir), touching nothing."""
     path = Path(value)
     name = path.name
     for suffix in (".partial", ".failed"):
         if name.endswith(suffix):
             name = name[: -len(suffix)]
-    partial = path.parent / f"{name}.partial"
-    failed = path.parent / f"{name}.failed"
-    if (path.parent / name).is_dir() and not partial.exists():
+    return path.parent / f"{name}.partial", name, str(path.parent)
+
+
+def _reopen(value: str) -> Path:
+    """Check ``--resume RUN_DIR`` and reopen a failed run as partial (one process: the launcher or rank 0)."""
+    partial, name, _ = _resume_names(value)
+    failed = partial.parent / f"{name}.failed"
+    if (partial.parent / name).is_dir() and not partial.exists():
         raise ConfigError(f"--resume {value}: that run already finished; nothing to resume")
-    if not partial.is_dir() and failed.is_dir() and int(os.environ.get("RANK", "0")) == 0:
-        os.replace(failed, partial)  # under torchrun the launcher has done this before the workers start
+    if not partial.is_dir() and failed.is_dir():
+        os.replace(failed, partial)
     if not partial.is_dir():
         raise ConfigError(f"--resume {value}: no run directory {partial} (or .failed) to resume")
     if not (partial / "stack.toml").is_file():
         raise ConfigError(f"--resume {value}: {partial}/stack.toml is missing; this is not a pgolf run directory")
-    return partial, name, str(path.parent)
+    return partial
+
+
+def _on_master(runtime, fn):
+    """``fn()`` on rank 0 only (moves in the file system), its result or its error on every rank."""
+    from .runtime import broadcast_object
+
+    result, problems = None, []
+    if runtime.is_master:
+        try:
+            result = fn()
+        except PgolfError as exc:
+            problems = exc.problems
+    result, problems = broadcast_object((result, problems), runtime)
+    if problems:
+        raise ConfigError(*problems)
+    return result
+
+
+# -- torchelastic ------------------------------------------------------------------------------------------
+def _restart_count() -> int:
+    """Which attempt of a torchelastic job this is (0 outside torchrun or on the first attempt)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _run_id(stack) -> str:
+    """The run directory's name. Under ``torchrun --max-restarts`` every attempt must find the same run: an
+    explicit id (``--run-id``, ``run.run_id``, our launcher's ``PGOLF_RUN_ID``), else one derived from the
+    job's ``TORCHELASTIC_RUN_ID`` (``--rdzv-id``; a fresh uuid per ``torchrun --standalone``)."""
+    from .rundir import new_run_id
+
+    explicit = stack.run.run_id or os.environ.get("PGOLF_RUN_ID")
+    if explicit:
+        return explicit
+    name = stack.meta.name or Path(stack.path).stem
+    try:
+        elastic = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+    except ValueError:
+        elastic = False
+    if elastic:
+        job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        if job and job != "none":
+            slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in job)[:40]
+            return f"{name or 'run'}-{slug}"
+        raise ConfigError(
+            "torchrun --max-restarts: a restarted worker must find its run; pass --run-id (or set run.run_id), "
+            "or give torchrun --rdzv-id (or --standalone)"
+        )
+    return new_run_id(name)
+
+
+def _elastic_reopen(out_dir: Path, run_id: str) -> str:
+    """A restarted attempt's run directory: "resume" it, start it "fresh" (nothing to resume), or it is "done"."""
+    final, partial, failed = out_dir / run_id, out_dir / f"{run_id}.partial", out_dir / f"{run_id}.failed"
+    if final.is_dir() and not partial.exists():
+        return "done"
+    if not partial.is_dir() and failed.is_dir():
+        os.replace(failed, partial)  # the failed attempt's directory, with its checkpoints
+    return "resume" if (partial / "stack.toml").is_file() else "fresh"
 
 
 def _check_resume_stack(stack, registry, run_path: Path, force: bool) -> None:
@@ -128,52 +194,126 @@ def cmd_run(args: argparse.Namespace) -> int:
     nproc = _nproc(args.nproc_per_node)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     stack, registry = _load(args)  # validate before launching anything
-    resume_path = None
-    if args.resume:
-        resume_path, run_id, out_dir = _resume_target(args.resume)
-        _check_resume_stack(stack, registry, resume_path, args.force)
-        stack = attrs.evolve(stack, run=attrs.evolve(stack.run, run_id=run_id, out_dir=out_dir))
+    _check_buildable(stack, registry)
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: must be a positive number of steps")
+    if args.resume:
+        resume_path, run_id, out_dir = _resume_names(args.resume)
+        if not under_torchrun:  # one process (or our launcher, before any worker starts) reopens and checks
+            _check_resume_stack(stack, registry, _reopen(args.resume), args.force)
+        stack = attrs.evolve(stack, run=attrs.evolve(stack.run, run_id=run_id, out_dir=out_dir))
     if not under_torchrun and (nproc > 1 or (args.nnodes and args.nnodes != "1")):
         return _launch_torchrun(args, nproc, stack)
 
-    from .rundir import RunDir, new_run_id
+    from .rundir import RunDir
     from .runtime import broadcast_str, setup_runtime
     from .train import load_data, run_training
 
     runtime = setup_runtime(stack)
     try:
         data_files = load_data(stack, runtime.device)  # bad data fails here, before anything is written
-        run_id = stack.run.run_id or os.environ.get("PGOLF_RUN_ID") or new_run_id(stack.meta.name or Path(stack.path).stem)
-        rundir = RunDir(stack.run.out_dir, broadcast_str(run_id, runtime), runtime.is_master)
-        rundir.open(resume=resume_path is not None)
+        run_id = broadcast_str(_run_id(stack), runtime)
+        resume = bool(args.resume)
+        if under_torchrun and _restart_count() > 0:  # torchrun --max-restarts: continue the failed attempt's run
+            mode = _on_master(runtime, lambda: _elastic_reopen(Path(stack.run.out_dir), run_id))
+            if mode == "done":
+                if runtime.is_master:
+                    print(f"run complete: {Path(stack.run.out_dir) / run_id} (finished before this restart)", file=sys.stderr)
+                return 0
+            resume = mode == "resume"
+        elif under_torchrun and args.resume:
+            _on_master(runtime, lambda: _reopen(args.resume))  # no-op after our launcher; needed under plain torchrun
+            _check_resume_stack(stack, registry, Path(stack.run.out_dir) / f"{run_id}.partial", args.force)
+        rundir = RunDir(stack.run.out_dir, run_id, runtime.is_master)
+        rundir.open(resume=resume)
         if runtime.is_master:
             print(f"run directory: {rundir.path}", file=sys.stderr)
         from .progress import attach
 
         detach_progress = attach(registry, rundir, runtime)  # a bar on a terminal, plain lines elsewhere
+        detach_faults = _attach_faults(registry, runtime)
         try:
             stop = StopFlag(runtime) if args.checkpoint_every else None
             run_training(
                 stack, registry, runtime, rundir, data_files,
-                checkpoint_every=args.checkpoint_every or 0, resume=resume_path is not None, stop_requested=stop,
+                checkpoint_every=args.checkpoint_every or 0, resume=resume, stop_requested=stop,
             )
         except BaseException as exc:
             reason = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
             failed = rundir.fail(reason)
             if failed is not None:
                 print(f"run failed; log kept in {failed}", file=sys.stderr)
+                interrupted = getattr(exc, "exit_code", None) == 130 or isinstance(exc, KeyboardInterrupt)
+                _write_ledger(stack, registry, failed, run_id, "interrupted" if interrupted else "failed", reason)
             raise
         finally:
+            detach_faults()
             detach_progress()
         final = rundir.finish()
     finally:
         runtime.shutdown()
     if runtime.is_master:
+        _write_ledger(stack, registry, final, run_id, "complete")
+    if runtime.is_master:
         _report(final)
         print(f"run complete: {final}", file=sys.stderr)
     return 0
+
+
+def _attach_faults(registry, runtime):
+    """``PGOLF_FAULT`` (tests of recovery): imported only when set, so a normal run loads no fault code."""
+    if not os.environ.get("PGOLF_FAULT", "").strip():
+        return lambda: None
+    from .faults import attach
+
+    return attach(registry, runtime)
+
+
+def _write_ledger(stack, registry, run_dir: Path, run_id: str, status: str, error: str | None = None) -> None:
+    """Append the run's line to the ledger; a ledger that cannot be written never changes the run's outcome."""
+    from .ledger import append, ledger_path, make_record
+
+    path = ledger_path(stack.run.out_dir)
+    if path is None:
+        return
+    try:
+        append(path, make_record(stack, registry, run_dir, run_id, status, error))
+    except Exception as exc:
+        text = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
+        print(f"warning: ledger not written: {text}", file=sys.stderr)
+
+
+def _check_buildable(stack, registry):
+    """Build what a run builds from the stack alone (the model on the meta device, the schedule, averaging,
+    quantizer, compressor and evaluator objects), so settings a technique rejects fail as one line before
+    anything starts."""
+    import torch
+
+    from .model.gpt import build_model
+    from .train import build_slot, technique_table
+
+    try:
+        with torch.device("meta"):
+            model, _ = build_model(stack, registry)
+    except PgolfError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{stack.path}: the model does not build: {_first_line(exc)} (techniques: {technique_table(stack)})") from None
+    for slot in ("schedule", "averaging", "quantizer", "compressor", "evaluator"):
+        try:
+            build_slot(stack, registry, slot)
+        except PgolfError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"{stack.path}: {slot}({stack.technique(slot)}): {_first_line(exc)}") from None
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    """A technique's own words for a ValueError (it says what is wrong); the type too for anything else."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if isinstance(exc, ValueError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
 def _report(run_dir: Path) -> None:
@@ -247,13 +387,10 @@ def _launch_torchrun(args: argparse.Namespace, nproc: int, stack) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .model.gpt import build_model, count_parameters
+    from .model.gpt import count_parameters
 
     stack, registry = _load(args)
-    with torch.device("meta"):
-        model, _ = build_model(stack, registry)
+    model = _check_buildable(stack, registry)
     n = count_parameters(model)
     print(f"{stack.path}: ok")
     print(f"model_params:{n}")
@@ -478,6 +615,21 @@ def cmd_significance(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    from .ledger import FILENAME, format_table, read
+
+    path = Path(args.file) if args.file else Path(args.out_dir) / FILENAME
+    records, bad = read(path)
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        print(f"{path}: {len(records)} runs")
+        print(format_table(records), end="")
+    if bad:
+        print(f"warning: {path}: {bad} unreadable line(s) skipped", file=sys.stderr)
+    return 0
+
+
 def cmd_data_download(args: argparse.Namespace) -> int:
     from .download import HubSource, download
 
@@ -574,6 +726,12 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")
     sig.set_defaults(func=cmd_significance)
 
+    ledger = sub.add_parser("ledger", parents=[common], help="every finished or failed run of an out_dir, grouped by recipe with its seeds")
+    ledger.add_argument("--out-dir", default="runs", help="the runs' out_dir, holding ledger.jsonl (default: runs)")
+    ledger.add_argument("--file", help="a ledger file elsewhere (overrides --out-dir)")
+    ledger.add_argument("--json", action="store_true", help="the records as a JSON list")
+    ledger.set_defaults(func=cmd_ledger)
+
     data = sub.add_parser("data", help="challenge data: download shards and tokenizers")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     dl = data_sub.add_parser("download", parents=[common], help="fetch the published FineWeb shards and tokenizer from the Hugging Face Hub")
@@ -600,8 +758,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         if not quiet_rank:
-            for problem in exc.problems:
-                print(f"error: {problem}", file=sys.stderr)
+            for problem in exc.problems:  # one line each, even when a quoted value spans lines
+                print("error: " + " ".join(part.strip() for part in problem.splitlines()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -7,6 +7,8 @@ traceback, so researchers see what to fix instead of a stack dump.
 
 from __future__ import annotations
 
+import errno
+
 
 class PgolfError(Exception):
     """One or more problems the user can fix; each entry of ``problems`` is a single line."""
@@ -30,3 +32,29 @@ class BudgetError(PgolfError):
     """The artifact (code + compressed weights) is over the size cap."""
 
     exit_code = 3
+
+
+class DiskFullError(PgolfError):
+    """A write failed because the disk (or the quota) is full; what was written before is intact."""
+
+    exit_code = 5
+
+
+class NonFiniteError(PgolfError):
+    """The training loss or gradients became NaN/inf (``run.on_nonfinite = "stop"``)."""
+
+    exit_code = 4
+
+
+DISK_FULL_ERRNOS = tuple(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
+
+
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_error(what: object) -> DiskFullError:
+    return DiskFullError(
+        f"disk full while writing {what}; free space or set run.out_dir (--out-dir) to a disk with room, "
+        "then continue with --resume RUN_DIR if the run had checkpoints"
+    )

@@ -211,6 +211,17 @@ def _figure(rows: int, cols: int, size: tuple[float, float]) -> Any:
     return Figure(figsize=size, layout="constrained")
 
 
+def _save_figure(fig: Any, path: str | Path) -> None:
+    """PNG bytes rendered in memory, then written under a temporary name and renamed."""
+    import io
+
+    from .rundir import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write(Path(path), buf.getvalue())
+
+
 def plot_run(run: RunRecord, path: Path) -> None:
     fig = _figure(1, 3, (15, 4.2))
     by_step, by_time, lr = fig.subplots(1, 3)
@@ -235,11 +246,13 @@ def plot_run(run: RunRecord, path: Path) -> None:
             ax.annotate(w.name, (x, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7)
     by_step.legend()
     fig.suptitle(f"{run.run_id}: final val_bpb {_fmt(run.final_bpb, '.4f')}")
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path | None]:
     """Write ``report.md`` (always) and ``loss.png`` (with matplotlib) into a finished run directory."""
+    from .rundir import atomic_write
+
     run = read_run(run_dir)
     png: Path | None = run.path / "loss.png"
     note = None
@@ -248,7 +261,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path | None]:
     except ImportError:
         png, note = None, NO_MATPLOTLIB
     md = run.path / "report.md"
-    md.write_text(render_markdown(run, note), encoding="utf-8")
+    atomic_write(md, render_markdown(run, note).encode("utf-8"))
     return md, png
 
 
@@ -282,4 +295,4 @@ def plot_compare(runs: list[RunRecord], path: Path) -> None:
     for ax in (train_ax, val_ax):
         ax.grid(alpha=0.3)
     train_ax.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path)

@@ -87,18 +87,43 @@ def setup_runtime(stack: Stack) -> Runtime:
     else:
         device = torch.device("cpu")
     if distributed and not dist.is_initialized():
-        if use_cuda:
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
+        extra: dict[str, Any] = {"device_id": device} if use_cuda else {}
+        store = _attempt_store(rank, world_size)
+        if store is not None:
+            extra.update(store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **extra)
         dist.barrier()
     compile_mode = stack.run.compile
     compile_on = compile_mode == "on" or (compile_mode == "auto" and use_cuda)
     return Runtime(rank, world_size, local_rank, distributed, device, use_cuda, compile_on, grad_accum_steps)
 
 
+def _attempt_store(rank: int, world_size: int) -> Any:
+    """Under torchrun, workers share the elastic agent's TCPStore, which outlives a restart: the process group
+    of a restarted attempt would read the keys of the failed one (peers' old addresses) and hang. Each attempt
+    gets keys of its own under a ``TORCHELASTIC_RESTART_COUNT`` prefix."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=default_pg_timeout
+    )
+    return dist.PrefixStore(f"pgolf/attempt_{attempt}", client)
+
+
 def broadcast_str(value: str, runtime: Runtime) -> str:
     """Rank 0's value of a string on every rank (run ids must agree without a launcher)."""
+    if not runtime.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_object(value: Any, runtime: Runtime) -> Any:
+    """Rank 0's value of any picklable object on every rank."""
     if not runtime.distributed:
         return value
     box = [value]

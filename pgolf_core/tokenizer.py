@@ -54,3 +54,18 @@ def byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int, device: torch.dev
         torch.tensor(has_space, dtype=torch.bool, device=device),
         torch.tensor(boundary, dtype=torch.bool, device=device),
     )
+
+
+def check_shards_match(tokens: Tensor, vocab_size: int, data_path: str, tokenizer_path: str) -> None:
+    """Shards made with a smaller tokenizer than the one declared (sp1024 shards, sp4096 tokenizer) pass the
+    token-id range check but score garbage bytes. A validation split much longer than the vocabulary uses ids
+    close to its top; one whose ids all lie in the lower half was tokenized with something smaller."""
+    if tokens.numel() < 2 * vocab_size:
+        return  # too short to judge
+    top = int(tokens.numpy().max()) if tokens.device.type == "cpu" else int(tokens.to(torch.int32).max())
+    if top < vocab_size // 2:
+        raise DataError(
+            f"data.path {data_path}: its validation tokens use ids up to {top} only, but data.tokenizer {tokenizer_path} "
+            f"has {vocab_size} pieces; the shards look made with a smaller tokenizer (e.g. sp1024 shards with an sp4096 "
+            "tokenizer); use the tokenizer the shards were made with"
+        )

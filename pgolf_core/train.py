@@ -28,8 +28,10 @@ from . import __version__
 from .artifact import build_artifact, code_bytes, load_artifact
 from .config.dump import stack_to_toml
 from .config.schema import Stack
-from .data import TRAIN_PATTERN, VAL_PATTERN, DistributedTokenLoader, load_validation_tokens, read_shard_header, shard_files
-from .errors import BudgetError, DataError, PgolfError
+from .data import TRAIN_PATTERN, VAL_PATTERN, DistributedTokenLoader, load_shard, load_validation_tokens, read_shard_header, shard_files
+from .errors import BudgetError, DataError, NonFiniteError, PgolfError
+
+EVAL_BUDGET_SECONDS = 600.0  # the challenge's evaluation limit (8xH100); CPU runs report against it only for orientation
 from .evaluate import EvalEnv, ValData, eval_val
 from .model.gpt import build_model, count_parameters
 from .model.layers import cast_for_device
@@ -38,7 +40,7 @@ from .registry import Registry
 from .rundir import RunDir
 from .runtime import Runtime
 from .sample import build_sample, is_sample, tokenizer_path
-from .tokenizer import byte_luts, load_tokenizer
+from .tokenizer import byte_luts, check_shards_match, load_tokenizer
 
 
 @attrs.define
@@ -132,10 +134,12 @@ def load_data(stack: Stack, device: torch.device) -> DataFiles:
     train_files = shard_files(data_path, TRAIN_PATTERN, "training")
     for f in train_files:
         read_shard_header(f)
+    load_shard(train_files[0], vocab)  # token ids of the shard training starts with (later ones: when reached)
     val_files = shard_files(data_path, VAL_PATTERN, "validation")
     # Like the references, the split is trimmed to whole sequences of the longest length evaluated.
     eval_seq_len = getattr(stack.params("evaluator"), "eval_seq_len", 0) or 0
     val_tokens = load_validation_tokens(val_files, max(stack.data.train_seq_len, eval_seq_len), vocab)
+    check_shards_match(val_tokens, vocab, data_path, tok_path)
     return DataFiles(data_path, tok_path, train_files, ValData(val_tokens, *byte_luts(sp, vocab, device)))
 
 
@@ -145,6 +149,8 @@ class Trainer:
     The pieces are methods so that other drivers reuse them unchanged: ``pgolf bench`` times ``train_step``,
     checkpointing reads and restores ``state_dict``. ``run`` is the reference's sequence.
     """
+
+    nonfinite_skips = 0  # steps whose update was dropped under run.on_nonfinite = "skip"
 
     def __init__(self, stack: Stack, registry: Registry, runtime: Runtime, data_files: DataFiles, log: Any, metric: Any) -> None:
         self.stack, self.registry, self.runtime, self.data_files = stack, registry, runtime, data_files
@@ -156,14 +162,18 @@ class Trainer:
         self.base_model = self.base_model.to(device)
         cast_for_device(self.base_model, runtime.bf16)
         compiled = torch.compile(self.base_model, dynamic=False, fullgraph=True) if runtime.compile else self.base_model
-        if runtime.distributed:
+        self.optimizers = build_slot(stack, registry, "optimizer")(self.base_model, runtime)
+        self.ddp = runtime.distributed and not getattr(self.optimizers, "syncs_gradients", False)
+        if self.ddp:
             with warnings.catch_warnings():  # the reference's broadcast_buffers=False, kept for identical behaviour
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
                 device_ids = [runtime.local_rank] if runtime.is_cuda else None
+                untrained = [n for n, p in self.base_model.named_parameters() if getattr(p, "_pgolf_untrained", False)]
+                if untrained:  # in no optimizer and possibly unused for a while: DDP must not wait for their gradients
+                    DDP._set_params_and_buffers_to_ignore_for_model(compiled, [f"_orig_mod.{n}" if compiled is not self.base_model else n for n in untrained])
                 self.model: nn.Module = DDP(compiled, device_ids=device_ids, broadcast_buffers=False)
         else:
             self.model = compiled
-        self.optimizers = build_slot(stack, registry, "optimizer")(self.base_model, runtime)
         self.schedule = build_slot(stack, registry, "schedule")
         self.averaging = build_slot(stack, registry, "averaging")
         self.quantizer = build_slot(stack, registry, "quantizer")
@@ -197,7 +207,7 @@ class Trainer:
         grad_accum = rt.grad_accum_steps
         total = torch.zeros((), device=rt.device)
         for micro_step in range(grad_accum):
-            if rt.distributed:
+            if self.ddp:
                 self.model.require_backward_grad_sync = micro_step == grad_accum - 1
             x, y = self.loader.next_batch(data.train_batch_tokens, data.train_seq_len, grad_accum)
             with rt.autocast():
@@ -207,13 +217,57 @@ class Trainer:
         return total / grad_accum
 
     def train_step(self, step: int, scale: float) -> torch.Tensor:
+        loader_state = self.loader.state_dict()
         self.optimizers.zero_grad()
         loss = self.forward_backward()
+        grad_norm = self.nonfinite_probe(loss)
+        if grad_norm is not None:  # NaN/inf: never applied to the weights
+            self.on_nonfinite(step, loss, grad_norm, loader_state)  # raises under "stop"
+            self.optimizers.zero_grad()
+            return loss
         self.optimizers.before_step(step)
         self.optimizers.set_lr_scale(scale)
         self.optimizers.step(self.base_model)
         self.optimizers.zero_grad()
         return loss
+
+    def nonfinite_probe(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """One fused check of the step's loss and gradients before the update; None when all are finite.
+
+        Cost: one pass reading the gradients (a multi-tensor norm), a 2-element all-reduce under torchrun
+        (ranks must agree: gradients are not synchronised yet with some optimizers), and one host sync per
+        step; see docs/reliability.md.
+        """
+        grads = [p.grad for p in self.base_model.parameters() if p.grad is not None]
+        grad_norm = _total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        probe = torch.stack([loss.detach().float().reshape(()), grad_norm.float().reshape(())])
+        if self.runtime.distributed:
+            torch.distributed.all_reduce(probe)  # NaN/inf on any rank reaches every rank
+        if bool(torch.isfinite(probe).all()):
+            return None
+        return grad_norm
+
+    def on_nonfinite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, loader_state: dict[str, Any]) -> None:
+        """``run.on_nonfinite``: "skip" logs and counts the dropped step; "stop" checkpoints the state before it
+        (when checkpointing is on) and raises one line naming the step and the techniques."""
+        args = self.stack.run
+        n = step + 1
+        values = f"train_loss:{float(loss):.4f} grad_norm:{float(grad_norm):.4f}"
+        self.metric(kind="nonfinite", step=n, train_loss=float(loss), grad_norm=float(grad_norm), action=args.on_nonfinite)
+        if args.on_nonfinite == "skip":
+            self.nonfinite_skips += 1
+            self.log(f"step:{n}/{args.iterations} nonfinite {values}: update skipped (run.on_nonfinite=skip; {self.nonfinite_skips} so far)")
+            return
+        saved = ""
+        if self.checkpoint_fn is not None:
+            self.loader.load_state_dict(loader_state)  # replay this step's batch on resume
+            self.loop = LoopState(step=step, training_time_ms=max(self.state.train_time_ms, self.loop.training_time_ms))
+            self.checkpoint_fn(step)
+            saved = f"; the state before it is checkpointed (step {step}): --resume RUN_DIR [--force] continues from there"
+        raise NonFiniteError(
+            f"non-finite loss or gradients at step {n}/{args.iterations} ({values}); techniques: {technique_table(self.stack)}"
+            f"{saved}; lower the learning rates, or set run.on_nonfinite = \"skip\" to drop such steps"
+        )
 
     def warmup(self, steps: int) -> None:
         """Prime compiled paths, then restore the initial weights, optimizer state and data stream."""
@@ -232,7 +286,7 @@ class Trainer:
         self.base_model.load_state_dict(initial_model, strict=True)
         self.optimizers.load_state_dict(initial_opt)
         self.optimizers.zero_grad()
-        if self.runtime.distributed:
+        if self.ddp:
             self.model.require_backward_grad_sync = True
         self.loader = self._new_loader()
 
@@ -355,14 +409,33 @@ class Trainer:
         return step, training_time_ms
 
     def export_and_evaluate(self, rundir: RunDir, resolved_toml: str) -> tuple[Any, list]:
-        """Average → quantize → compress → size accounting → write → round trip → final evaluation."""
+        """Average → pre-quantization score → calibrate → quantize (+fit) → compress → size accounting → write →
+        round trip (decode check) → final evaluation, each phase timed."""
         args, rt, log = self.stack.run, self.runtime, self.log
         quantizer, compressor = self.quantizer, self.compressor
         weights = self.averaging.export_weights(self.base_model)
+        self.base_model.load_state_dict(weights, strict=True)
+        rt.sync()
+        t0 = time.perf_counter()
+        pre_loss, pre_bpb = eval_val(self.model, self.eval_env)
+        rt.sync()
+        pre_ms = 1000.0 * (time.perf_counter() - t0)
+        log(f"DIAGNOSTIC post_{self.stack.technique('averaging')} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} eval_time:{pre_ms:.0f}ms")
+        self.metric(kind="prequant", val_loss=pre_loss, val_bpb=pre_bpb, eval_time_ms=pre_ms)
+        self.prequant = (pre_loss, pre_bpb)
         if args.save_raw_model:
             rundir.write_bytes("final_model.pt", _serialize(weights))
+        if callable(getattr(quantizer, "calibrate", None)):
+            t0 = time.perf_counter()
+            quantizer.calibrate(self._calibration_context())
+            rt.sync()
+            calib_ms = 1000.0 * (time.perf_counter() - t0)
+            log(f"calibration:done time:{calib_ms:.0f}ms (after the training clock; counted in no budget, as in PR #1019)")
+            self.metric(kind="phase", name="calibration", time_ms=calib_ms)
         bytes_code = code_bytes(self.stack, self.registry, resolved_toml)
-        artifact = build_artifact(weights, quantizer, compressor, bytes_code)
+        t0 = time.perf_counter()
+        artifact, obj = build_artifact(weights, quantizer, compressor, bytes_code, return_object=True)
+        self.metric(kind="phase", name="quantize_compress", time_ms=1000.0 * (time.perf_counter() - t0))
         label = f"{quantizer.label}+{compressor.label}"
         log(f"Serialized model {label}: {artifact.bytes_model} bytes (payload:{artifact.stats['payload_bytes']} raw_torch:{artifact.raw_bytes})")
         log(f"Code size: {bytes_code} bytes")
@@ -379,18 +452,65 @@ class Trainer:
         if rt.distributed:
             blob = _broadcast_bytes(blob, rt)
         try:
-            self.base_model.load_state_dict(load_artifact(blob, quantizer, compressor), strict=True)
+            loaded = load_artifact(blob, quantizer, compressor)
+        except Exception as exc:
+            raise DataError(f"{artifact_path}: the artifact cannot be decoded ({exc})") from None
+        expected = quantizer.dequantize(obj)
+        bad = sorted(k for k in expected if k not in loaded or not torch.equal(loaded[k], expected[k]))
+        if bad or set(loaded) != set(expected):
+            raise DataError(f"{artifact_path}: the artifact does not decode back to the quantized tensors ({', '.join(bad[:3]) or 'key sets differ'})")
+        try:
+            self.base_model.load_state_dict(loaded, strict=True)
         except Exception as exc:
             raise DataError(f"{artifact_path}: the artifact does not load back into the model ({exc})") from None
+        for module in self.base_model.modules():
+            if module is not self.base_model and callable(getattr(module, "prepare_final_eval", None)):
+                module.prepare_final_eval()
         rt.sync()
+        t0 = time.perf_counter()
         results = self.evaluator.evaluate(self.model, self.eval_env, quantizer.label, compressor.label)
         rt.sync()
+        eval_total_ms = 1000.0 * (time.perf_counter() - t0)
         for name, loss, bpb, eval_ms, note in results:
             extra = f" {note}" if note else ""
             log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra} eval_time:{eval_ms:.0f}ms")
             log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
             self.metric(kind="final", name=name, val_loss=loss, val_bpb=bpb, eval_time_ms=eval_ms)
+        budget_ms = EVAL_BUDGET_SECONDS * 1000.0
+        verdict = "within" if eval_total_ms <= budget_ms else "OVER"
+        log(f"eval_budget: final evaluation took {eval_total_ms:.0f}ms, {verdict} the {budget_ms:.0f}ms evaluation budget on this hardware")
+        self.metric(kind="phase", name="final_evaluation", time_ms=eval_total_ms, budget_ms=budget_ms)
+        self.eval_total_ms = eval_total_ms
         return artifact, results
+
+    def _calibration_context(self):
+        from .calibration import CalibrationContext
+
+        rt, data = self.runtime, self.stack.data
+
+        def train_batches(n: int):
+            loader = self._new_loader()
+            for _ in range(n):
+                yield loader.next_batch(data.train_batch_tokens, data.train_seq_len, rt.grad_accum_steps)
+
+        return CalibrationContext(
+            model=self.base_model, runtime=rt, seed=self.stack.run.seed, train_seq_len=data.train_seq_len,
+            vocab_size=self.stack.model.vocab_size, log=self.log, train_batches=train_batches,
+        )
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: grouped multi-tensor kernels
+    if get_total_norm is not None:
+        return get_total_norm(grads, 2.0, foreach=None)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g).float() for g in grads]))
+
+
+def technique_table(stack: Stack) -> str:
+    """``embedding=token attention=gqa ... modifier[0]=xsa@'last 4'``: the recipe in one line."""
+    parts = [f"{slot}={choice.technique}" for slot, choice in stack.slots.items()]
+    parts += [f"modifier[{i}]={mod.technique}@{mod.layers!r}" for i, mod in enumerate(stack.modifiers)]
+    return " ".join(parts)
 
 
 def log_provenance(stack: Stack, log: Any, resolved_toml: str) -> None:
@@ -438,7 +558,13 @@ def run_training(
         trainer.stop_requested = stop_requested
     steps, training_time_ms = trainer.train()
     artifact, results = trainer.export_and_evaluate(rundir, resolved_toml)
-    final_name, final_loss, final_bpb = results[-1][:3]
+    compliance = final_line_compliance(trainer.evaluator, [r[0] for r in results])
+    for name, check in compliance.items():
+        rundir.log(f"compliance:{name} {'ok' if check.ok else 'NOT_COMPLIANT'} - {check.reason}")
+    compliant_results = [r for r in results if compliance[r[0]].ok]
+    final_name, final_loss, final_bpb = (compliant_results or results)[-1][:3]
+    if not compliant_results:
+        rundir.log("compliance: no final score of this stack satisfies the challenge's rules; submission.json carries the last one")
     summary = {
         "run_id": rundir.run_id,
         "stack": stack.path,
@@ -448,9 +574,14 @@ def run_training(
         "model_params": trainer.n_params,
         "bytes_code": artifact.bytes_code,
         "bytes_model": artifact.bytes_model,
+        "nonfinite_skips": trainer.nonfinite_skips,
         "bytes_total": artifact.bytes_total,
-        "final": {r[0]: {"val_loss": r[1], "val_bpb": r[2]} for r in results},
-        "compliant": bool(getattr(trainer.evaluator, "compliant", True)),
+        "final": {r[0]: {"val_loss": r[1], "val_bpb": r[2], "compliant": compliance[r[0]].ok, "compliance": compliance[r[0]].reason} for r in results},
+        "score_line": final_name,
+        "prequant": {"val_loss": trainer.prequant[0], "val_bpb": trainer.prequant[1]},
+        "eval_time_ms": trainer.eval_total_ms,
+        "compliant": bool(compliant_results) and all(c.ok for c in quantizer_compliance(trainer.quantizer)),
+        "quantizer_compliance": [attrs.asdict(c) for c in quantizer_compliance(trainer.quantizer)],
     }
     meta = stack.meta
     rundir.write_json(
@@ -469,6 +600,26 @@ def run_training(
     )
     rundir.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def final_line_compliance(evaluator: Any, names: list[str]) -> dict[str, Any]:
+    """Each final line's rule check: the evaluator's ``compliance_for(name)`` when it has one, else its
+    ``compliant`` flag for every line."""
+    from .calibration import Compliance
+
+    out = {}
+    for name in names:
+        check = evaluator.compliance_for(name) if callable(getattr(evaluator, "compliance_for", None)) else None
+        if check is None:
+            ok = bool(getattr(evaluator, "compliant", True))
+            check = Compliance(name, ok, getattr(evaluator, "compliance_note", "") or ("frozen model, causal scoring" if ok else "not allowed"))
+        out[name] = check
+    return out
+
+
+def quantizer_compliance(quantizer: Any) -> list[Any]:
+    checks = getattr(quantizer, "compliance", None)
+    return list(checks) if checks else []
 
 
 def _serialize(weights: dict[str, torch.Tensor]) -> bytes:

@@ -53,17 +53,35 @@ def check_stack(stack: Stack, registry: Registry) -> None:
     if m.num_heads % m.num_kv_heads:
         problems.append(f"{where}: model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
     d = stack.data
+    base = stack.run.grad_accum_base
     if d.train_batch_tokens % d.train_seq_len:
         problems.append(
             f"{where}: data.train_batch_tokens={d.train_batch_tokens} is not a multiple of data.train_seq_len={d.train_seq_len}"
         )
+    elif d.train_batch_tokens % (base * d.train_seq_len):
+        # world_size x grad_accum_steps is run.grad_accum_base on any number of processes
+        problems.append(
+            f"{where}: data.train_batch_tokens={d.train_batch_tokens} is not divisible by world_size*grad_accum*train_seq_len="
+            f"run.grad_accum_base*data.train_seq_len={base}*{d.train_seq_len}; every micro-batch must hold whole sequences"
+        )
 
     used = {c.technique for c in stack.slots.values()} | {mc.technique for mc in stack.modifiers}
+    applied: dict[str, list[tuple[int, set[int]]]] = {}
     for i, mod in enumerate(stack.modifiers):
         try:
-            parse_layers(mod.layers, m.num_layers)
+            layers = set(parse_layers(mod.layers, m.num_layers))
         except ValueError as exc:
             problems.append(f"{where}: modifier[{i}]({mod.technique}).layers: {exc}")
+            continue
+        for j, earlier in applied.get(mod.technique, []):
+            both = sorted(layers & earlier)
+            if both:
+                shown = ", ".join(map(str, both[:8])) + (", ..." if len(both) > 8 else "")
+                problems.append(
+                    f"{where}: modifier[{i}]({mod.technique}) repeats modifier[{j}]({mod.technique}) on layers {shown}; "
+                    "a technique applies once per layer: merge them or make their 'layers' disjoint"
+                )
+        applied.setdefault(mod.technique, []).append((i, layers))
     choices = [(s, c.technique) for s, c in stack.slots.items()] + [("modifier", mc.technique) for mc in stack.modifiers]
     for slot, name in choices:
         reg = registry.get(slot, name)

@@ -109,12 +109,18 @@ def structure_table(table: dict[str, Any], cls: type, path: str) -> tuple[Any, l
         instance = CONVERTER.structure(clean, cls)
     except cattrs.ClassValidationError as exc:
         bad = set()
+        whole = []  # raised by the class as a whole (a validator inside __init__): the field checks below say where
         for line in cattrs.transform_error(exc, path="$", format_exception=_format_exception):
             message, _, where = line.rpartition(" @ ")
             key = where[2:] if where.startswith("$.") else where
             bad.add(key)
-            problems.append((f"{path}.{key}" if key and key != "$" else path, message))
-        problems += _validate_fields(clean, cls, path, skip=bad)
+            if key and key != "$":
+                problems.append((f"{path}.{key}", message))
+            else:
+                whole.append(message)
+        by_field = _validate_fields(clean, cls, path, skip=bad)
+        problems += by_field
+        problems += [(path, m) for m in whole if m not in {message for _, message in by_field}]
         return None, problems
     except (ValueError, TypeError) as exc:  # attrs validators (ranges, choices) raise from __init__
         problems.append((path + _field_in(str(exc), known), str(exc)))

@@ -12,12 +12,21 @@ import attrs
 
 
 def param(
-    default: Any = attrs.NOTHING, *, help: str = "", env: str | tuple[str, ...] | None = None, unit: str = "", validator: Any = None
+    default: Any = attrs.NOTHING,
+    *,
+    help: str = "",
+    env: str | tuple[str, ...] | None = None,
+    unit: str = "",
+    validator: Any = None,
+    env_values: dict[str, Any] | None = None,
 ) -> Any:
-    """``env`` may be a tuple of aliases; under ``--legacy-env`` the last one present wins."""
+    """``env`` may be a tuple of aliases; under ``--legacy-env`` the last one present wins. ``env_values`` maps
+    the reference's raw strings to this field's values where they differ (``MUON_EQ_R=1`` → ``"bf16"``)."""
     metadata = {"help": help, "unit": unit}
     if env:
         metadata["env"] = env
+    if env_values:
+        metadata["env_values"] = env_values
     return attrs.field(default=default, metadata=metadata, validator=validator)
 
 

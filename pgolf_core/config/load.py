@@ -143,12 +143,16 @@ def _apply_set(data: dict[str, Any], expr: str) -> str:
                 raise ConfigError(f"--set {expr}: index {part} is out of range")
             node = node[part]
         else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {expr}: '{'.'.join(map(str, parts[:i]))}' is not a table")
             if part not in node:
                 node[part] = [] if isinstance(nxt, int) else {}
             node = node[part]
     last = parts[-1]
     if isinstance(last, int):
         raise ConfigError(f"--set {expr}: the path must end with a key")
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {expr}: '{'.'.join(map(str, parts[:-1]))}' is not a table")
     node[last] = value
     return ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in parts).replace(".[", "[")
 
@@ -166,6 +170,11 @@ def _parse_env_value(raw: str, attribute: attrs.Attribute) -> Any:
     """Interpret an env string the way the reference script does for that field's type."""
     kind = attribute.type
     text = raw.strip()
+    mapping = attribute.metadata.get("env_values")
+    if mapping is not None:
+        if text not in mapping:
+            raise ValueError(text)
+        return mapping[text]
     if kind in (bool, "bool"):
         return bool(int(text))
     if kind in (int, "int"):

@@ -48,6 +48,12 @@ class RunConfig:
     compile: str = param("auto", help="torch.compile the model: 'auto' (on for cuda), 'on', 'off'", validator=one_of("auto", "on", "off"))
     artifact_cap_bytes: int = param(16_000_000, help="size cap for code + compressed model", unit="bytes", validator=positive)
     save_raw_model: bool = param(False, help="also write the unquantized state dict (final_model.pt)")
+    on_nonfinite: str = param(
+        "stop",
+        help="a NaN/inf loss or gradient: 'stop' (checkpoint the state before that step, fail naming the step) or "
+        "'skip' (drop that step's update, log it, continue; skips are counted in summary.json)",
+        validator=one_of("stop", "skip"),
+    )
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -6,6 +6,7 @@ The result is plain ``nn.Module``s; no plugin code is dispatched while it runs, 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator
 
 import torch
@@ -15,7 +16,7 @@ from ..config.checks import parse_layers
 from ..config.schema import Stack
 from ..errors import ConfigError
 from ..registry import Registry
-from .layers import RMSNorm
+from .layers import RMSNorm, deferred_init
 from .spec import BuildContext, Component, ModelSpec, spec_from_stack
 
 
@@ -60,6 +61,27 @@ class GPT(nn.Module):
 
     def logits(self, input_ids: Tensor) -> Tensor:
         return self.head.logits(self.hidden(input_ids), self.embedding.tok_emb.weight)
+
+    @contextlib.contextmanager
+    def sequential_view(self) -> Iterator["GPT"]:
+        """Temporarily run every block once and sequentially: depth recurrence and parallel (GPT-J) blocks off.
+
+        PR #1392 collected its GPTQ Hessians on such a copy of its model; eager use only (a compiled graph
+        would recompile on these flags).
+        """
+        saved = [(m, m.recur_active) for m in self.modules() if hasattr(m, "recur_active")]
+        saved_par = [(m, m.parallel) for m in self.modules() if isinstance(getattr(m, "parallel", None), bool)]
+        try:
+            for m, _ in saved:
+                m.recur_active = False
+            for m, _ in saved_par:
+                m.parallel = False
+            yield self
+        finally:
+            for m, v in saved:
+                m.recur_active = v
+            for m, v in saved_par:
+                m.parallel = v
 
     # Parameter roles, for optimizer grouping -------------------------------------------------------------
     def token_embedding(self) -> nn.Parameter:
@@ -120,15 +142,16 @@ def build_model(stack: Stack, registry: Registry) -> tuple[GPT, list[Any]]:
     base = BuildContext(stack.model, stack.run, stack.data)
     embedding = _build(spec.embedding, base, "embedding")
     topology = _build(spec.topology, base, "topology")
+    init = _build(spec.init, base, "init")  # a closure: building it draws nothing
     blocks = []
-    for i, layer in enumerate(spec.layers):
-        attn = _build(layer.attention, base, f"blocks.{i}.attention", i)
-        mlp = _build(layer.mlp, base, f"blocks.{i}.mlp", i)
-        blocks.append(_build(layer.residual, base, f"blocks.{i}", i, attn=attn, mlp=mlp))
+    with deferred_init(bool(getattr(init, "writes_block_weights", False))):
+        for i, layer in enumerate(spec.layers):
+            attn = _build(layer.attention, base, f"blocks.{i}.attention", i)
+            mlp = _build(layer.mlp, base, f"blocks.{i}.mlp", i)
+            blocks.append(_build(layer.residual, base, f"blocks.{i}", i, attn=attn, mlp=mlp))
     roots = [(name, factory()) for name, factory, _ in spec.root_modules]
     head = _build(spec.head, base, "head")
     model = GPT(embedding, topology, blocks, head, roots)
-    init = _build(spec.init, base, "init")
     with torch.no_grad():
         init(model)
     for obj in modifier_objects:

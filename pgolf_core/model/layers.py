@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -53,6 +56,12 @@ class CastedLinear(nn.Linear):
 
     _zero_init: bool = False
     fake_quant_bits: int = 0
+    _defer_init: bool = False  # set by ``deferred_init()``: construct without drawing from the RNG
+
+    def reset_parameters(self) -> None:
+        if CastedLinear._defer_init:
+            return  # weights stay as allocated (torch.empty); the init slot writes every one of them
+        super().reset_parameters()
 
     def enable_fake_quant(self, bits: int) -> None:
         self.fake_quant_bits = bits
@@ -69,6 +78,22 @@ class CastedLinear(nn.Linear):
             w = w + self.fake_quant_on.to(x.dtype) * (w_q - w).detach()
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, bias)
+
+
+@contextlib.contextmanager
+def deferred_init(enabled: bool = True) -> Iterator[None]:
+    """Build ``CastedLinear`` layers without their constructor's kaiming draw.
+
+    PR #399's parameter banks (kept by #549, #1019, #1392) allocate the block matrices with ``torch.empty``,
+    so the only RNG draws for them are the init's orthogonal ones. Building per-layer modules inside this
+    context consumes the RNG exactly as the banks did; the init slot must then write every such weight.
+    """
+    previous = CastedLinear._defer_init
+    CastedLinear._defer_init = enabled
+    try:
+        yield
+    finally:
+        CastedLinear._defer_init = previous
 
 
 def zero_init(linear: nn.Linear) -> nn.Linear:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from pgolf_core.config.fields import in_range, param
+from pgolf_core.config.fields import in_range, non_negative, param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
 
@@ -19,12 +19,24 @@ from pgolf_core.registry import Technique
 @attrs.define(frozen=True, kw_only=True)
 class EMAParams:
     decay: float = param(0.997, help="per-step decay", env="EMA_DECAY", validator=in_range(0.0, 1.0, hi_open=True))
+    shadow_swa_every: int = param(
+        0,
+        help="also sum the weights every N steps once the LR scale is below shadow_swa_start_scale, and never use the sum: "
+        "the dead SWA of PRs #1019/#1392/#1319 (costs what it cost them, logs 'swa:start'); 0 = off",
+        unit="steps",
+        env="SWA_EVERY",
+        validator=non_negative,
+    )
+    shadow_swa_start_scale: float = param(0.2, help="LR scale below which the shadow SWA sums", validator=in_range(0.0, 1.0))
 
 
 class EMA:
     def __init__(self, params: EMAParams) -> None:
         self.decay = params.decay
+        self.params = params
         self.state: dict[str, torch.Tensor] | None = None
+        self.shadow_sum: dict[str, torch.Tensor] | None = None
+        self.shadow_count = 0
         self.log = print
 
     def on_train_start(self, state) -> None:
@@ -36,6 +48,16 @@ class EMA:
         d = self.decay
         for name, t in state.model.state_dict().items():
             self.state[name].mul_(d).add_(t.detach().float(), alpha=1.0 - d)
+        every = self.params.shadow_swa_every
+        if every and state.lr_scale < self.params.shadow_swa_start_scale and state.step % every == 0:
+            if self.shadow_sum is None:
+                self.shadow_sum = {k: t.detach().cpu().clone() for k, t in state.model.state_dict().items()}
+                self.shadow_count = 1
+                self.log(f"swa:start step:{state.step}")
+            else:
+                for k, t in state.model.state_dict().items():
+                    self.shadow_sum[k] += t.detach().cpu()
+                self.shadow_count += 1
 
     def export_weights(self, model):
         if self.state is None:
@@ -45,10 +67,12 @@ class EMA:
         return {k: t.to(dtype=current[k].dtype) for k, t in self.state.items()}
 
     def state_dict(self) -> dict:
-        return {"state": self.state}
+        return {"state": self.state, "shadow_sum": self.shadow_sum, "shadow_count": self.shadow_count}
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state["state"]
+        self.shadow_sum = state.get("shadow_sum")
+        self.shadow_count = state.get("shadow_count", 0)
 
 
 @hookimpl

@@ -2,6 +2,7 @@
 
 The official baseline ``train_gpt.py`` scores its round-tripped artifact this way and prints
 ``final_int8_zlib_roundtrip_exact val_loss:… val_bpb:…``; ``label`` sets that line's name.
+``compliance_for(line)`` says why that line is within the rules.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import time
 
 import attrs
 
+from pgolf_core.calibration import Compliance
 from pgolf_core.config.fields import param
 from pgolf_core.evaluate import eval_val
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
+from plugins.evaluator.sliding_window import matches_label
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -35,6 +38,12 @@ class FullVal:
         t0 = time.perf_counter()
         val_loss, val_bpb = eval_val(model, env)
         return [(self.label.format(quant=quant, comp=comp), val_loss, val_bpb, 1000.0 * (time.perf_counter() - t0), "")]
+
+    def compliance_for(self, line_name: str) -> Compliance:
+        """The rule check of the reported line (``line_name`` as logged, with or without ``_exact``)."""
+        if matches_label(self.label, line_name):
+            return Compliance(line_name, True, self.compliance_note)
+        raise KeyError(f"{line_name!r} is not a line the full_val evaluator reports")
 
 
 def build(params: FullValParams, ctx) -> FullVal:

@@ -9,18 +9,25 @@ zero-padded on the right (after every scored position).
 
 Reports two lines like the reference: the non-overlapping round trip at ``eval_seq_len``
 (``final_int6_roundtrip``) and the sliding window (``final_int6_sliding_window``), the submission score.
+``compliance_for(line)`` says why each line is within the rules. The window helpers here (starts, rank
+split, batches, float64 totals) are shared by the evaluators built on these windows (``slot``,
+``score_first_ttt``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
+from collections.abc import Callable
 
 import attrs
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor
 
+from pgolf_core.calibration import Compliance
 from pgolf_core.config.fields import non_negative, param, positive
 from pgolf_core.evaluate import eval_val
 from pgolf_core.hookspecs import hookimpl
@@ -40,16 +47,77 @@ def window_starts(total_tokens: int, seq_len: int, stride: int) -> list[int]:
     return [ws for ws in range(0, total_tokens, stride) if min(ws + seq_len, total_tokens) - ws >= 1]
 
 
-def eval_sliding(base_model, env, seq_len: int, stride: int, batch_seqs: int) -> tuple[float, float]:
+def scored_offset(ws: int, wlen: int, stride: int) -> int:
+    """First scored position of the window starting at ``ws``: 0 for the first window, else its last ``stride``."""
+    return 0 if ws == 0 else max(wlen - stride, 0)
+
+
+def rank_share(items: list, rank: int, world_size: int) -> list:
+    """This rank's contiguous block of ``items``, as the references split windows."""
+    return items[(len(items) * rank) // world_size : (len(items) * (rank + 1)) // world_size]
+
+
+def window_batch(tokens: Tensor, batch: list[int], seq_len: int, total: int, device: torch.device) -> tuple[Tensor, Tensor, list[int]]:
+    """Inputs and targets of the windows starting at ``batch``, zero-padded on the right to ``seq_len``."""
+    bsz = len(batch)
+    x = torch.zeros(bsz, seq_len, dtype=torch.int64, device=device)
+    y = torch.zeros(bsz, seq_len, dtype=torch.int64, device=device)
+    wlens = []
+    for i, ws in enumerate(batch):
+        end = min(ws + seq_len, total)
+        wlen = end - ws
+        wlens.append(wlen)
+        chunk = tokens[ws : end + 1].to(dtype=torch.int64, device=device)
+        x[i, :wlen] = chunk[:-1]
+        y[i, :wlen] = chunk[1:]
+    return x, y, wlens
+
+
+class ScoreTotals:
+    """NLL, token and byte sums in float64, the references' accumulators; ``record(ws, s, nll)`` (optional)
+    sees each window's scored NLLs."""
+
+    def __init__(self, device: torch.device, record: Callable[[int, int, Tensor], None] | None = None) -> None:
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.token_count = torch.zeros((), device=device, dtype=torch.float64)
+        self.byte_count = torch.zeros((), device=device, dtype=torch.float64)
+        self.record = record
+
+    def add(self, val, nll_row: Tensor, x_row: Tensor, y_row: Tensor, ws: int, s: int, wlen: int) -> None:
+        scored = nll_row[s:wlen].to(torch.float64)
+        self.loss_sum += scored.sum()
+        self.token_count += float(wlen - s)
+        tgt, prev = y_row[s:wlen], x_row[s:wlen]
+        nbytes = val.base_bytes[tgt].to(torch.float64)
+        nbytes += (val.has_leading_space[tgt] & ~val.is_boundary[prev]).to(torch.float64)
+        self.byte_count += nbytes.sum()
+        if self.record is not None:
+            self.record(ws, s, scored)
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.loss_sum, self.token_count, self.byte_count):
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    def result(self) -> tuple[float, float]:
+        val_loss = (self.loss_sum / self.token_count).item()
+        return val_loss, val_loss / math.log(2.0) * (self.token_count.item() / self.byte_count.item())
+
+
+def matches_label(template: str, name: str) -> bool:
+    """Whether ``name`` (optionally with the log's ``_exact`` suffix) is ``template`` with its ``{quant}`` and
+    ``{comp}`` fields filled in."""
+    pattern = re.escape(template).replace(re.escape("{quant}"), r"\S+?").replace(re.escape("{comp}"), r"\S+?")
+    return any(re.fullmatch(pattern, n) for n in (name, name.removesuffix("_exact")))
+
+
+def eval_sliding(base_model, env, seq_len: int, stride: int, batch_seqs: int, record=None) -> tuple[float, float]:
     val = env.val
     tokens = val.tokens
     device = env.device
     total = tokens.numel() - 1
-    starts = window_starts(total, seq_len, stride)
-    mine = starts[(len(starts) * env.rank) // env.world_size : (len(starts) * (env.rank + 1)) // env.world_size]
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    token_count = torch.zeros((), device=device, dtype=torch.float64)
-    byte_count = torch.zeros((), device=device, dtype=torch.float64)
+    mine = rank_share(window_starts(total, seq_len, stride), env.rank, env.world_size)
+    totals = ScoreTotals(device, record)
     logits_fn = base_model.logits
     if env.compile:
         logits_fn = torch.compile(base_model.logits, dynamic=False, fullgraph=True)
@@ -59,34 +127,22 @@ def eval_sliding(base_model, env, seq_len: int, stride: int, batch_seqs: int) ->
         for bi in range(0, len(mine), batch_seqs):
             batch = mine[bi : bi + batch_seqs]
             bsz = len(batch)
-            x = torch.zeros(bsz, seq_len, dtype=torch.int64, device=device)
-            y = torch.zeros(bsz, seq_len, dtype=torch.int64, device=device)
-            wlens = []
-            for i, ws in enumerate(batch):
-                end = min(ws + seq_len, total)
-                wlen = end - ws
-                wlens.append(wlen)
-                chunk = tokens[ws : end + 1].to(dtype=torch.int64, device=device)
-                x[i, :wlen] = chunk[:-1]
-                y[i, :wlen] = chunk[1:]
+            x, y, wlens = window_batch(tokens, batch, seq_len, total, device)
             with env.autocast():
                 logits = logits_fn(x)
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="none").reshape(bsz, seq_len)
             for i, ws in enumerate(batch):
-                wlen = wlens[i]
-                s = 0 if ws == 0 else max(wlen - stride, 0)
-                loss_sum += nll[i, s:wlen].to(torch.float64).sum()
-                token_count += float(wlen - s)
-                tgt, prev = y[i, s:wlen], x[i, s:wlen]
-                nbytes = val.base_bytes[tgt].to(torch.float64)
-                nbytes += (val.has_leading_space[tgt] & ~val.is_boundary[prev]).to(torch.float64)
-                byte_count += nbytes.sum()
-    if dist.is_available() and dist.is_initialized():
-        for t in (loss_sum, token_count, byte_count):
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                totals.add(val, nll[i], x[i], y[i], ws, scored_offset(ws, wlens[i], stride), wlens[i])
+    totals.all_reduce()
     base_model.train(was_training)
-    val_loss = (loss_sum / token_count).item()
-    return val_loss, val_loss / math.log(2.0) * (token_count.item() / byte_count.item())
+    return totals.result()
+
+
+ROUNDTRIP_COMPLIANCE = "scores each validation token once, after training, with the frozen model from preceding tokens only"
+SLIDING_COMPLIANCE = (
+    "each validation token is scored by the frozen model from preceding tokens only; overlapping windows add "
+    "context, never later tokens"
+)
 
 
 class SlidingWindow:
@@ -110,6 +166,14 @@ class SlidingWindow:
             loss, bpb = eval_sliding(env.base_model, env, self.eval_seq_len, p.stride, p.batch_seqs)
             results.append((p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), f"stride:{p.stride}"))
         return results
+
+    def compliance_for(self, line_name: str) -> Compliance:
+        """The rule check of one reported line (``line_name`` as logged, with or without ``_exact``)."""
+        if matches_label(self.params.roundtrip_label, line_name):
+            return Compliance(line_name, True, ROUNDTRIP_COMPLIANCE)
+        if matches_label(self.params.label, line_name):
+            return Compliance(line_name, True, SLIDING_COMPLIANCE)
+        raise KeyError(f"{line_name!r} is not a line the sliding_window evaluator reports")
 
 
 @hookimpl

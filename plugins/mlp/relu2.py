@@ -1,7 +1,8 @@
 """relu² MLP: ``proj(relu(fc(x))²)`` with a zero-initialised output projection.
 
-From the official baseline ``train_gpt.py`` (after modded-nanogpt). The hidden width is
-``int(mult * model_dim)``; the baseline uses an integer multiplier, later records a float one.
+From the official baseline ``train_gpt.py`` (after modded-nanogpt). With ``negative_slope > 0`` it is
+PR #493's LeakyReLU(slope)² (``proj(leaky_relu(fc(x), slope)²)``), kept by #549, #1019, #1392 and #1319. The
+hidden width is ``int(mult * model_dim)``; the baseline uses an integer multiplier, later records a float one.
 
 Options modifiers may set: ``canon_d`` = factory of a module applied to relu(fc(x)) before the square.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import attrs
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf_core.config.fields import param, positive
+from pgolf_core.config.fields import in_range, param, positive
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.layers import CastedLinear, zero_init
 from pgolf_core.registry import Technique
@@ -21,24 +23,30 @@ from pgolf_core.registry import Technique
 @attrs.define(frozen=True, kw_only=True)
 class Relu2Params:
     mult: float = param(2.0, help="hidden width as a multiple of model_dim", env="MLP_MULT", validator=positive)
+    negative_slope: float = param(
+        0.0, help="leaky ReLU slope below zero before the square; 0 is relu² (baseline), 0.5 is PR #493's LeakyReLU(0.5)² (#549, #1019, #1392, #1319)",
+        validator=in_range(0.0, 1.0),
+    )
 
 
 class Relu2MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, canon_d=None) -> None:
+    def __init__(self, dim: int, hidden: int, canon_d=None, negative_slope: float = 0.0) -> None:
         super().__init__()
+        self.negative_slope = negative_slope  # a constant in the compiled graph
         self.fc = CastedLinear(dim, hidden, bias=False)
         self.proj = zero_init(CastedLinear(hidden, dim, bias=False))
         self.canon_d = canon_d() if canon_d is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.fc(x))
+        h = self.fc(x)
+        x = torch.relu(h) if self.negative_slope == 0.0 else F.leaky_relu(h, negative_slope=self.negative_slope)
         if self.canon_d is not None:
             x = self.canon_d(x)
         return self.proj(x.square())
 
 
 def build(params: Relu2Params, ctx) -> Relu2MLP:
-    return Relu2MLP(ctx.model.model_dim, int(params.mult * ctx.model.model_dim), ctx.option("canon_d"))
+    return Relu2MLP(ctx.model.model_dim, int(params.mult * ctx.model.model_dim), ctx.option("canon_d"), params.negative_slope)
 
 
 @hookimpl

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pgolf_core.config.fields import non_negative, param, positive
+from pgolf_core.config.fields import non_negative, one_of, param, positive
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.layers import is_control_tensor
 from pgolf_core.optim import OptimizerSet
@@ -44,6 +44,25 @@ class MuonParams:
     grad_clip_norm: float = param(0.0, help="global grad-norm clip; 0 disables", env="GRAD_CLIP_NORM", validator=non_negative)
     weight_decay: float = param(0.0, help="Muon decoupled weight decay (scaled by the scheduled lr)", env=("MUON_WD", "MUON_WEIGHT_DECAY"), validator=non_negative)
     adam_wd: float = param(0.0, help="AdamW weight decay of the token and scalar groups; 0 keeps plain Adam", env=("ADAM_WD", "ADAM_WEIGHT_DECAY"), validator=non_negative)
+    row_equilibrate: str = param(
+        "off",
+        help="MuonEq-R: divide each row of the momentum update by its L2 norm before Newton-Schulz; "
+        "'fp32' = PR #1319 (norm in fp32, floor 1e-7), 'bf16' = PR #1392 (rsqrt of sum of squares + 1e-7 in the update dtype)",
+        validator=one_of("off", "fp32", "bf16"),
+    )
+
+
+def equilibrate_rows(update: Tensor, mode: str) -> Tensor:
+    """MuonEq-R (arXiv 2603.28254, variant R): unit-norm rows (last axis) before orthogonalisation.
+
+    The two records compute it differently, so both are kept bit for bit: PR #1319 takes the norm in fp32
+    and clamps it at 1e-7; PR #1392 adds 1e-7 to the sum of squares in the update's own dtype (bf16).
+    """
+    if mode == "fp32":
+        return update / update.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(update.dtype)
+    if mode == "bf16":
+        return update / ((update * update).sum(dim=-1, keepdim=True) + 1e-7).sqrt()
+    return update
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -> Tensor:
@@ -63,10 +82,12 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -
 
 class Muon(torch.optim.Optimizer):
     def __init__(
-        self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True, weight_decay: float = 0.0, zeropower=None
+        self, params, lr: float, momentum: float, backend_steps: int, nesterov: bool = True, weight_decay: float = 0.0, zeropower=None,
+        row_equilibrate: str = "off",
     ) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov, weight_decay=weight_decay))
         self._zeropower = zeropower or zeropower_via_newtonschulz5
+        self.row_equilibrate = row_equilibrate
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -91,6 +112,8 @@ class Muon(torch.optim.Optimizer):
                     buf.mul_(momentum).add_(g)
                     if group["nesterov"]:
                         g = g.add(buf, alpha=momentum)
+                    if self.row_equilibrate != "off":
+                        g = equilibrate_rows(g, self.row_equilibrate)
                     g = self._zeropower(g, steps=group["backend_steps"])
                     g *= max(1, g.size(0) / g.size(1)) ** 0.5
                     updates_flat[curr : curr + p.numel()] = g.reshape(-1)
@@ -126,12 +149,14 @@ def build(params: MuonParams, ctx):
     tied = ctx.model.tie_embeddings
 
     def make(model, runtime) -> MuonAdamSet:
-        block_named = list(model.block_named_parameters())
+        block_named = [(n, p) for n, p in model.block_named_parameters() if not getattr(p, "_pgolf_untrained", False)]
         matrix = [p for n, p in block_named if p.ndim == 2 and not is_control_tensor(n)]
         scalar = [p for n, p in block_named if not (p.ndim == 2 and not is_control_tensor(n))]
         tables = [model.token_embedding()]
         embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         for name, p in model.other_named_parameters():
+            if getattr(p, "_pgolf_untrained", False):
+                continue  # e.g. PR #1392's recurrence scales: in no optimizer
             if id(p) in embedding_ids:
                 tables.append(p)
             elif p.ndim == 2 and not is_control_tensor(name):
@@ -147,7 +172,7 @@ def build(params: MuonParams, ctx):
         zeropower = torch.compile(zeropower_via_newtonschulz5) if runtime.compile else zeropower_via_newtonschulz5
         opt_muon = Muon(
             matrix, lr=params.matrix_lr, momentum=params.momentum, backend_steps=params.backend_steps,
-            weight_decay=params.weight_decay, zeropower=zeropower,
+            weight_decay=params.weight_decay, zeropower=zeropower, row_equilibrate=params.row_equilibrate,
         )
         opt_scalar = adam_cls([{"params": scalar, "lr": params.scalar_lr}], **adam)
         optimizers = [opt_tok, opt_muon, opt_scalar]

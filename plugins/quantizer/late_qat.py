@@ -24,7 +24,7 @@ from pgolf_core.registry import Technique
 
 @attrs.define(frozen=True, kw_only=True)
 class LateQATParams:
-    threshold: float = param(0.1, help="switch on when the LR multiplier drops below this", env="QAT_THRESHOLD")
+    threshold: float = param(0.1, help="switch on when the LR multiplier drops below this", env=("QAT_THRESHOLD", "LATE_QAT_THRESHOLD"))
     bits: int = param(6, help="fake-quant bit width", validator=in_range(2, 8))
     mode: str = param(
         "working",

@@ -5,7 +5,8 @@ From the official baseline ``train_gpt.py``: ``x = m0*x + m1*x0``; ``x += attn_s
 
 Options modifiers may set: ``ln_scale`` (a float multiplying both norm outputs, from ``ln_scale``);
 ``catalytic`` (extra per-channel gates on both branches, from ``catalytic_residuals``); ``canon_a`` /
-``canon_c`` (factories of modules applied to the attention / MLP inputs, from ``canon``).
+``canon_c`` (factories of modules applied to the attention / MLP inputs, from ``canon``); ``parallel``
+(attention and MLP both read the mixed input, from ``parallel_residual``).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ class ResidMixParams:
 
 class ResidMixBlock(nn.Module):
     def __init__(
-        self, dim: int, attn: nn.Module, mlp: nn.Module, ln_scale: float = 1.0, catalytic: bool = False, canon_a=None, canon_c=None
+        self, dim: int, attn: nn.Module, mlp: nn.Module, ln_scale: float = 1.0, catalytic: bool = False, canon_a=None, canon_c=None,
+        parallel: bool = False,
     ) -> None:
         super().__init__()
+        self.parallel = parallel  # a Python flag: the compiled graph specialises on it
         self.ln_scale_factor = ln_scale
         self.attn_norm = RMSNorm()
         self.mlp_norm = RMSNorm()
@@ -55,6 +58,14 @@ class ResidMixBlock(nn.Module):
         attn_gain = self.attn_scale.to(dtype=x.dtype)[None, None, :]
         if self.catalytic:
             attn_gain = attn_gain * self.attn_gate.to(dtype=x.dtype)[None, None, :]
+        if self.parallel:  # both branches read the mixed input (PR #1392's parallel blocks)
+            mlp_in = self.mlp_norm(x) * s if s != 1.0 else self.mlp_norm(x)
+            if self.canon_c is not None:
+                mlp_in = self.canon_c(mlp_in)
+            mlp_gain = self.mlp_scale.to(dtype=x.dtype)[None, None, :]
+            if self.catalytic:
+                mlp_gain = mlp_gain * self.mlp_gate.to(dtype=x.dtype)[None, None, :]
+            return x + attn_gain * attn_out + mlp_gain * self.mlp(mlp_in)
         x = x + attn_gain * attn_out
         mlp_in = self.mlp_norm(x) * s if s != 1.0 else self.mlp_norm(x)
         if self.canon_c is not None:
@@ -75,6 +86,7 @@ def build(params: ResidMixParams, ctx, attn: nn.Module, mlp: nn.Module) -> Resid
         catalytic=bool(ctx.option("catalytic", False)),
         canon_a=ctx.option("canon_a"),
         canon_c=ctx.option("canon_c"),
+        parallel=bool(ctx.option("parallel", False)),
     )
 
 

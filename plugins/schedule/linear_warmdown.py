@@ -8,9 +8,11 @@ remaining time falls below it.
 
 from __future__ import annotations
 
+import math
+
 import attrs
 
-from pgolf_core.config.fields import non_negative, param
+from pgolf_core.config.fields import non_negative, one_of, param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
 
@@ -18,15 +20,28 @@ from pgolf_core.registry import Technique
 @attrs.define(frozen=True, kw_only=True)
 class LinearWarmdownParams:
     warmdown_iters: int = param(1200, help="length of the final linear decay", unit="steps", env="WARMDOWN_ITERS", validator=non_negative)
+    shape: str = param(
+        "linear",
+        help="'linear': scale = frac; 'sqrt': scale = 1 - sqrt(1 - frac), below linear everywhere (PR #1319)",
+        env="WARMDOWN_SHAPE",
+        validator=one_of("linear", "sqrt"),
+    )
 
 
 class LinearWarmdown:
     def __init__(self, params: LinearWarmdownParams, iterations: int, max_wallclock_seconds: float) -> None:
         self.warmdown_iters = params.warmdown_iters
+        self.sqrt_shape = params.shape == "sqrt"
         self.iterations = iterations
         self.max_wallclock_ms = 1000.0 * max_wallclock_seconds if max_wallclock_seconds > 0 else None
 
     def lr_mul(self, step: int, elapsed_ms: float) -> float:
+        frac = self._frac(step, elapsed_ms)
+        if self.sqrt_shape and frac < 1.0:
+            return 1.0 - math.sqrt(1.0 - frac)
+        return frac
+
+    def _frac(self, step: int, elapsed_ms: float) -> float:
         if self.warmdown_iters <= 0:
             return 1.0
         if self.max_wallclock_ms is None:

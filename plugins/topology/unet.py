@@ -20,8 +20,19 @@ class UNetParams:
 
 
 class UNetSkips(nn.Module):
-    def __init__(self, num_layers: int, dim: int) -> None:
+    def __init__(self, num_layers: int, dim: int, recurrence=None) -> None:
         super().__init__()
+        # Depth recurrence (option from the depth_recurrence modifier): its blend vectors come first, as the
+        # reference created them first; a plain Python flag switches it on (one recompile when compiled).
+        self.recur_layers: tuple[int, ...] = tuple(recurrence.layers) if recurrence is not None else ()
+        self.recur_encoder_only = bool(recurrence.encoder_only) if recurrence is not None else True
+        self.recur_active = False
+        self.recur_scales = nn.ParameterList(
+            [nn.Parameter(torch.full((dim,), float(recurrence.scale_init), dtype=torch.float32)) for _ in self.recur_layers]
+        )
+        if recurrence is not None and not recurrence.train_scales:
+            for s in self.recur_scales:
+                s._pgolf_untrained = True  # in no optimizer group (PR #1392)
         self.num_encoder_layers = num_layers // 2
         self.num_decoder_layers = num_layers - self.num_encoder_layers
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
@@ -33,15 +44,25 @@ class UNetSkips(nn.Module):
         for i in range(self.num_encoder_layers):
             x = blocks[i](x, x0, aux)
             skips.append(x)
+            if self.recur_active and i in self.recur_layers:
+                x = self._repeat(blocks, i, x, x0, aux)
         for i in range(self.num_decoder_layers):
             if skips:
                 x = x + self.skip_weights[i].to(dtype=x.dtype)[None, None, :] * skips.pop()
-            x = blocks[self.num_encoder_layers + i](x, x0, aux)
+            bi = self.num_encoder_layers + i
+            x = blocks[bi](x, x0, aux)
+            if self.recur_active and not self.recur_encoder_only and bi in self.recur_layers:
+                x = self._repeat(blocks, bi, x, x0, aux)
         return x
+
+    def _repeat(self, blocks: nn.ModuleList, i: int, x: Tensor, x0: Tensor, aux: dict[str, Tensor]) -> Tensor:
+        scale = self.recur_scales[self.recur_layers.index(i)]
+        out = blocks[i](x, x0, aux)
+        return x + scale.to(dtype=x.dtype)[None, None, :] * (out - x)
 
 
 def build(params: UNetParams, ctx) -> UNetSkips:
-    return UNetSkips(ctx.model.num_layers, ctx.model.model_dim)
+    return UNetSkips(ctx.model.num_layers, ctx.model.model_dim, ctx.option("recurrence"))
 
 
 @hookimpl

@@ -1,0 +1,49 @@
+"""Parallel (GPT-J-style) blocks: attention and MLP read the same mixed input and add to one stream.
+
+As PR #1392 ran it (``PARALLEL_START_LAYER=7``, after PR #1204): for the chosen layers,
+``out = x_in + attn_scale ⊙ Attn(norm(x_in)·s) + mlp_scale ⊙ MLP(norm(x_in)·s)`` where ``x_in`` is the
+``resid_mix`` mix of the stream and x0 and ``s`` the LN scale. No new parameters, one residual stream, the
+U-Net skip added before the block as usual. (The two-lane ``lane_merge`` / ``resid_mix_mlp`` variant that
+PR #1392's README describes is PR #1289's, not what its code ran.)
+
+``PARALLEL_START_LAYER=N`` selects layers ``N:``; a negative value selects none.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.registry import Technique
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ParallelResidualParams:
+    """No parameters: the layers come from the modifier's ``layers`` selector."""
+
+
+class ParallelResidual:
+    def transform(self, spec, layers, name) -> None:
+        for i in layers:
+            spec.claim("residual", i, "parallel", True, by=name)
+
+
+def _from_start_layer(value: str):
+    start = int(value)
+    return f"{start}:" if start >= 0 else []
+
+
+@hookimpl
+def pgolf_register_techniques(register) -> None:
+    register(
+        Technique(
+            name="parallel_residual",
+            slot="modifier",
+            params=ParallelResidualParams,
+            build=lambda params, ctx: ParallelResidual(),
+            summary="GPT-J-style parallel attention+MLP on one residual stream for the chosen layers (PR #1392)",
+            source="https://github.com/openai/parameter-golf/pull/1392",
+            example='[[modifier]]\nuse = "parallel_residual"\nlayers = "7:"',
+            layers_env={"PARALLEL_START_LAYER": _from_start_layer},
+        )
+    )

@@ -1,0 +1,296 @@
+"""The bad-input catalogue: everything a user can get wrong in a stack, its geometry, its data or its budget.
+
+Each row is one input, the command that meets it, and the words of the one line pgolf prints for it. For
+every row: exit code ≠ 0 (2 for input errors, 3 for the size cap), every stderr line starts with ``error:``,
+no traceback, and nothing is written under the run directory. ``pgolf validate`` (fast: no data, no
+training) catches everything a stack alone decides; ``pgolf run`` is used only for the data rows, which
+fail before the run directory is created. The commands run in-process through ``pgolf_core.cli.main``.
+
+Accepted, not an error: fewer training shards than ranks. Every rank reads the same shard stream and takes
+its own span of each step's chunk, so one shard feeds any number of ranks
+(``test_one_shard_feeds_more_ranks_than_shards``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURE_1024, FIXTURE_4096, STACKS, TOKENIZER_1024, TOKENIZER_4096
+from pgolf_core import registry as registry_module
+from pgolf_core.cli import main
+from pgolf_core.data import HEADER_INTS, DistributedTokenLoader, load_shard, shard_files
+from pgolf_core.sample import write_shard
+
+TINY = [
+    "model.num_layers=2", "model.model_dim=32", "model.num_heads=2", "model.num_kv_heads=1",
+    "data.train_seq_len=32", "data.train_batch_tokens=1024", "data.val_batch_size=8192",
+    f'data.path="{FIXTURE_1024}"', f'data.tokenizer="{TOKENIZER_1024}"',
+    "run.iterations=2", "run.warmup_steps=0", "run.max_wallclock_seconds=0.0", "run.val_loss_every=0", "run.grad_accum_base=2",
+]
+
+PLUGIN = '''
+import attrs
+from pgolf_core.config.fields import param
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.registry import Technique
+from plugins.compressor.zlib import Zlib
+
+
+@attrs.define(frozen=True, kw_only=True)
+class LevelParams:
+    level: int = param(6, help="zlib level")
+
+
+def _zlib(name, **kw):
+    return Technique(name=name, slot="compressor", params=LevelParams, build=lambda p, c: Zlib(p.level), summary="test",
+                     example=f'[compressor]\\nuse = "{name}"', **kw)
+
+
+@hookimpl
+def pgolf_register_techniques(register):
+    register(_zlib("needs_ema", requires=("ema",)))
+    register(_zlib("not_with_softcap", conflicts=("softcap",)))
+'''
+
+
+def _sets(*extra: str) -> list[str]:
+    out = []
+    for expr in [*TINY, *extra]:
+        out += ["--set", expr]
+    return out
+
+
+def _stack_file(tmp_path, body: str, base: str = "baseline.toml") -> str:
+    path = tmp_path / "stack.toml"
+    path.write_text(f'schema_version = 1\nextends = "{STACKS / base}"\n{body}')
+    return str(path)
+
+
+# -- data directories ---------------------------------------------------------------------------------------
+def _copy_fixture(tmp_path, source=FIXTURE_1024):
+    d = tmp_path / "data"
+    shutil.copytree(source, d)
+    for f in d.iterdir():
+        f.chmod(0o644)
+    return d
+
+
+def _header_field(tmp_path, index: int, value: int):
+    d = _copy_fixture(tmp_path)
+    f = d / "fineweb_train_000000.bin"
+    raw = bytearray(f.read_bytes())
+    header = np.frombuffer(bytes(raw[: 4 * HEADER_INTS]), dtype="<i4").copy()
+    header[index] = value
+    raw[: 4 * HEADER_INTS] = header.tobytes()
+    f.write_bytes(bytes(raw))
+    return d
+
+
+def _truncated(tmp_path):
+    d = _copy_fixture(tmp_path)
+    f = d / "fineweb_train_000001.bin"
+    f.write_bytes(f.read_bytes()[:100])
+    return d
+
+
+def _cut_tail(tmp_path):
+    d = _copy_fixture(tmp_path)
+    f = d / "fineweb_val_000000.bin"
+    f.write_bytes(f.read_bytes()[:-10])
+    return d
+
+
+def _token_too_big(tmp_path, name: str):
+    d = _copy_fixture(tmp_path)
+    tokens = load_shard(d / name).numpy().astype(np.int64)
+    tokens[5] = 2000
+    write_shard(d / name, tokens)
+    return d
+
+
+def _junk_tokenizer(tmp_path):
+    path = tmp_path / "junk.model"
+    path.write_bytes(b"not a sentencepiece model")
+    return path
+
+
+def _empty(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+def _no_val(tmp_path):
+    d = _copy_fixture(tmp_path)
+    (d / "fineweb_val_000000.bin").unlink()
+    return d
+
+
+# Each row: id, command, how to build its arguments (from tmp_path), words the error line must contain.
+VALIDATE = [
+    ("toml-syntax", lambda t: [_stack_file(t, "[model\nnum_layers = 4\n")], "TOML syntax error"),
+    ("unknown-key", lambda t: ["baseline", "--set", "model.layrs=4"], "model.layrs: unknown key 'layrs' (did you mean 'num_layers'?)"),
+    ("unknown-table", lambda t: [_stack_file(t, '[optimiser]\nuse = "muon"\n')], "unknown table or key 'optimiser' (did you mean 'optimizer'?)"),
+    ("wrong-type-int", lambda t: ["baseline", "--set", "model.num_layers=4.5"], "model.num_layers: expected int, got float 4.5"),
+    ("wrong-type-bool", lambda t: ["baseline", "--set", 'model.tie_embeddings="yes"'], "model.tie_embeddings: expected bool (true/false), got str 'yes'"),
+    ("wrong-type-str", lambda t: ["baseline", "--set", "run.device=3"], "run.device: expected string, got int 3"),
+    ("negative-lr", lambda t: ["baseline", "--set", "optimizer.matrix_lr=-0.1"], "optimizer.matrix_lr: matrix_lr must be >= 0, got -0.1"),
+    ("negative-iterations", lambda t: ["baseline", "--set", "run.iterations=-5"], "run.iterations: iterations must be >= 0, got -5"),
+    ("ema-decay-1", lambda t: ["pr315", "--set", "averaging.decay=1.0"], "averaging.decay: decay must be in [0.0, 1.0), got 1.0"),
+    ("stride-over-eval-len", lambda t: ["pr315", "--set", "evaluator.stride=4096"], "evaluator(sliding_window): stride=4096 is larger than eval_seq_len=2048"),
+    ("rope-dims-over-head-dim", lambda t: ["pr315", "--set", "modifier[2].rope_dims=80"], "modifier[2](partial_rope): rope_dims=80 must be even and <= head dim 64"),
+    ("bad-choice", lambda t: ["baseline", "--set", 'run.on_nonfinite="ignore"'], "run.on_nonfinite: on_nonfinite must be one of 'stop', 'skip', got 'ignore'"),
+    ("unknown-technique", lambda t: ["baseline", "--set", 'attention.use="gqaa"'], "attention.use: no technique 'gqaa' for slot 'attention' (did you mean 'gqa'?)"),
+    ("technique-in-wrong-slot", lambda t: ["baseline", "--set", 'mlp.use="xsa"'], "'xsa' is a technique for slot modifier"),
+    ("duplicated-technique", lambda t: [_stack_file(t, '[[modifier]]\nuse = "late_qat"\n[[modifier]]\nuse = "late_qat"\n')],
+     "modifier[1](late_qat) repeats modifier[0](late_qat) on layers"),
+    ("conflicting-modifiers", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "last 2"\n[[modifier]]\nuse = "xsa"\nlayers = [0, 8]\n')],
+     "modifier[1](xsa) repeats modifier[0](xsa) on layers 8"),
+    ("bad-layer-selector", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "most"\n')], "modifier[0](xsa).layers: unknown selector 'most'"),
+    ("layer-out-of-range", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = [12]\n')], "modifier[0](xsa).layers: layer 12 is outside 0..8"),
+    ("missing-plugin", lambda t: [_stack_file(t, '[requires]\nplugins = ["pgolf-no-such-plugin>=0.2"]\n')],
+     "plugin distribution 'pgolf-no-such-plugin' is not installed; install it: pip install 'pgolf-no-such-plugin>=0.2'"),
+    ("dim-not-divisible-by-heads", lambda t: ["baseline", "--set", "model.num_heads=3"], "model.model_dim=512 is not divisible by model.num_heads=3"),
+    ("heads-not-divisible-by-kv", lambda t: ["baseline", "--set", "model.num_kv_heads=3"], "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
+    ("odd-head-dim", lambda t: ["baseline", "--set", "model.model_dim=520"], "head dim model_dim/num_heads=65 must be even for RoPE"),
+    ("batch-not-multiple-of-seq", lambda t: ["baseline", "--set", "data.train_batch_tokens=1000"], "data.train_batch_tokens=1000 is not a multiple of data.train_seq_len=1024"),
+    ("batch-not-divisible-by-accum", lambda t: ["baseline", "--set", "data.train_batch_tokens=9216"],
+     "data.train_batch_tokens=9216 is not divisible by world_size*grad_accum*train_seq_len=run.grad_accum_base*data.train_seq_len=8*1024"),
+    ("missing-stack", lambda t: [str(t / "nope.toml")], "stack file not found"),
+    ("bad-set-expression", lambda t: ["baseline", "--set", "model.num_layers"], "--set model.num_layers: expected section.key=value"),
+]
+
+RUN_DATA = [
+    ("missing-directory", lambda t: t / "nowhere", None, "directory not found"),
+    ("no-shards", _empty, None, "no training shards matching fineweb_train_*.bin"),
+    ("no-validation-shards", _no_val, None, "no validation shards matching fineweb_val_*.bin"),
+    ("wrong-magic", lambda t: _header_field(t, 0, 1234), None, "bad magic 1234 (expected 20240520)"),
+    ("wrong-version", lambda t: _header_field(t, 1, 2), None, "unsupported shard version 2 (expected 1)"),
+    ("size-mismatch", lambda t: _header_field(t, 2, 99999), None, "does not match its header (99999 tokens"),
+    ("truncated-shard", _truncated, None, "100 bytes is shorter than the 1024-byte shard header"),
+    ("truncated-tail", _cut_tail, None, "does not match its header"),
+    ("token-id-over-vocab-train", lambda t: _token_too_big(t, "fineweb_train_000000.bin"), None, "token id 2000 >= model.vocab_size 1024"),
+    ("token-id-over-vocab-val", lambda t: _token_too_big(t, "fineweb_val_000000.bin"), None, "token id 2000 >= model.vocab_size 1024"),
+    ("tokenizer-missing", None, lambda t: t / "missing.model", "file not found; set data.tokenizer"),
+    ("tokenizer-not-a-model", None, _junk_tokenizer, "not a readable SentencePiece model"),
+    ("tokenizer-vocab-mismatch", None, lambda t: TOKENIZER_4096, "has vocab_size 4096 but model.vocab_size is 1024"),
+    ("sp4096-shards-sp1024-stack", lambda t: FIXTURE_4096, None, ">= model.vocab_size 1024"),
+]
+
+
+def _cli(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_line_errors(code: int, err: str, words: str, exit_code: int = 2, only_errors: bool = True) -> None:
+    """``only_errors``: nothing but ``error:`` lines (a run that started also says where its directory is)."""
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert code == exit_code, err
+    assert errors and (not only_errors or errors == lines), err
+    assert "Traceback" not in err
+    assert any(words in line for line in errors), f"expected {words!r} in: {err}"
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """A catalogue built for this test only (``--plugin`` modules loaded here do not reach other tests)."""
+    monkeypatch.setattr(registry_module, "_DEFAULT", None)
+
+
+@pytest.mark.parametrize("case, build, words", VALIDATE, ids=[c[0] for c in VALIDATE])
+def test_validate_rejects_with_one_line(case, build, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _cli(capsys, ["validate", *build(tmp_path)])
+    _assert_one_line_errors(code, err, words)
+    assert out == ""
+
+
+@pytest.mark.parametrize(
+    "technique, words",
+    [
+        ("needs_ema", "technique 'needs_ema' requires 'ema', which the stack does not use; add it or drop 'needs_ema'"),
+        ("not_with_softcap", "techniques 'not_with_softcap' and 'softcap' cannot be combined; drop one"),
+    ],
+    ids=["unmet-requirement", "declared-conflict"],
+)
+def test_validate_rejects_unmet_requirements_and_conflicts(technique, words, tmp_path, capsys, isolated_registry):
+    plugin = tmp_path / "catalogue_plugin.py"
+    plugin.write_text(PLUGIN)
+    code, out, err = _cli(capsys, ["validate", "baseline", "--plugin", str(plugin), "--set", f'compressor.use="{technique}"'])
+    _assert_one_line_errors(code, err, words)
+
+
+@pytest.mark.parametrize("case, data, tokenizer, words", RUN_DATA, ids=[c[0] for c in RUN_DATA])
+def test_run_rejects_bad_data_before_writing(case, data, tokenizer, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    extra = []
+    if data is not None:
+        extra.append(f'data.path="{data(tmp_path)}"')
+    if tokenizer is not None:
+        extra.append(f'data.tokenizer="{tokenizer(tmp_path)}"')
+    out_dir = tmp_path / "runs"
+    code, out, err = _cli(capsys, ["run", "baseline", *_sets(*extra), "--out-dir", str(out_dir), "--run-id", "bad"])
+    _assert_one_line_errors(code, err, words)
+    assert not out_dir.exists(), "a run directory was created for bad data"
+
+
+def test_shards_of_a_smaller_tokenizer_are_caught(tmp_path, capsys, monkeypatch):
+    """sp1024 shards with the sp4096 tokenizer and model.vocab_size = 4096: every id is in range, the bytes
+    per token would be wrong; the validation ids never reach the upper half of the vocabulary."""
+    monkeypatch.chdir(tmp_path)
+    extra = [f'data.tokenizer="{TOKENIZER_4096}"', "model.vocab_size=4096"]
+    code, out, err = _cli(capsys, ["run", "baseline", *_sets(*extra), "--out-dir", str(tmp_path / "runs")])
+    _assert_one_line_errors(code, err, "the shards look made with a smaller tokenizer (e.g. sp1024 shards with an sp4096 tokenizer)")
+    assert "validation tokens use ids up to 1023 only" in err and not (tmp_path / "runs").exists()
+
+
+def test_world_size_must_divide_grad_accum_base(tmp_path):
+    """Geometry that depends on the number of processes is checked when the processes exist."""
+    import os
+    from unittest import mock
+
+    from pgolf_core.errors import ConfigError
+    from pgolf_core.registry import default_registry
+    from pgolf_core.runtime import setup_runtime
+    from conftest import tiny_stack
+
+    stack = tiny_stack(default_registry(), "run.grad_accum_base=2")
+    with mock.patch.dict(os.environ, {"RANK": "0", "WORLD_SIZE": "3"}), pytest.raises(ConfigError) as info:
+        setup_runtime(stack)
+    assert "world size 3 must divide run.grad_accum_base=2" in info.value.problems[0]
+
+
+def test_one_shard_feeds_more_ranks_than_shards(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(100))
+    files = shard_files(tmp_path, "fineweb_train_*.bin", "training")
+    batches = [DistributedTokenLoader(files, r, 4, torch.device("cpu")).next_batch(32, 4, 2) for r in range(4)]
+    starts = [int(x[0, 0]) for x, _ in batches]
+    assert starts == [0, 5, 10, 15]  # disjoint spans of one chunk, one per rank
+
+
+def test_artifact_over_the_cap_is_reported_before_any_result(tmp_path, capsys, monkeypatch):
+    """The cap is on code + compressed model. A tiny model whose stack file (counted as code) carries a
+    15.9 MB description: the model alone fits, the artifact does not; the run fails with exit 3 before the
+    artifact, submission.json or any final score exists."""
+    monkeypatch.chdir(tmp_path)
+    stack = tmp_path / "huge.toml"
+    description = "x" * 15_900_000  # a TOML literal string: fast to parse
+    stack.write_text(f"schema_version = 1\nextends = '{STACKS / 'baseline.toml'}'\n[meta]\ndescription = '{description}'\n")
+    argv = ["run", str(stack), *_sets("run.iterations=0"), "--out-dir", str(tmp_path / "runs"), "--run-id", "big"]
+    code, out, err = _cli(capsys, argv)
+    _assert_one_line_errors(code, err, "over the 16000000-byte cap by", exit_code=3, only_errors=False)
+    numbers = re.search(r"artifact is (\d+) bytes \(code (\d+) \+ model (\d+)\)", err)
+    total, code_bytes, model_bytes = map(int, numbers.groups())
+    assert total == code_bytes + model_bytes > 16_000_000 > model_bytes and code_bytes > 15_900_000
+    runs = tmp_path / "runs"
+    assert not (runs / "big").exists() and not list(runs.rglob("submission.json")) and not list(runs.rglob("*.ptz"))
+    log = (runs / "big.failed" / "log.txt").read_text()
+    assert "_exact val_loss" not in log and "run_failed: artifact is" in log
