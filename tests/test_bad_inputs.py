@@ -51,10 +51,25 @@ def _zlib(name, **kw):
                      example=f'[compressor]\\nuse = "{name}"', **kw)
 
 
+@attrs.define(frozen=True, kw_only=True)
+class NoParams:
+    pass
+
+
+class ClaimsXsa:
+    """Sets the attention option that the built-in xsa modifier sets."""
+
+    def transform(self, spec, layers, name):
+        for i in layers:
+            spec.claim("attention", i, "xsa", True, by=name)
+
+
 @hookimpl
 def pgolf_register_techniques(register):
     register(_zlib("needs_ema", requires=("ema",)))
     register(_zlib("not_with_softcap", conflicts=("softcap",)))
+    register(Technique(name="xsa_variant", slot="modifier", params=NoParams, build=lambda p, c: ClaimsXsa(), summary="test",
+                       example='[[modifier]]\\nuse = "xsa_variant"'))
 '''
 
 
@@ -147,10 +162,9 @@ VALIDATE = [
     ("bad-choice", lambda t: ["baseline", "--set", 'run.on_nonfinite="ignore"'], "run.on_nonfinite: on_nonfinite must be one of 'stop', 'skip', got 'ignore'"),
     ("unknown-technique", lambda t: ["baseline", "--set", 'attention.use="gqaa"'], "attention.use: no technique 'gqaa' for slot 'attention' (did you mean 'gqa'?)"),
     ("technique-in-wrong-slot", lambda t: ["baseline", "--set", 'mlp.use="xsa"'], "'xsa' is a technique for slot modifier"),
-    ("duplicated-technique", lambda t: [_stack_file(t, '[[modifier]]\nuse = "late_qat"\n[[modifier]]\nuse = "late_qat"\n')],
-     "modifier[1](late_qat) repeats modifier[0](late_qat) on layers"),
-    ("conflicting-modifiers", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "last 2"\n[[modifier]]\nuse = "xsa"\nlayers = [0, 8]\n')],
-     "modifier[1](xsa) repeats modifier[0](xsa) on layers 8"),
+    ("duplicated-technique", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "last 2"\n[[modifier]]\nuse = "xsa"\nlayers = [0, 8]\n')],
+     "modifiers 'modifier[0](xsa)' and 'modifier[1](xsa)' both set 'xsa' on layer 8 attention; narrow 'layers' or drop one"),
+    ("duplicated-table", lambda t: [_stack_file(t, '[mlp]\nuse = "relu2"\n[mlp]\nuse = "relu2"\n')], "TOML syntax error: Cannot declare ('mlp',) twice"),
     ("bad-layer-selector", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "most"\n')], "modifier[0](xsa).layers: unknown selector 'most'"),
     ("layer-out-of-range", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = [12]\n')], "modifier[0](xsa).layers: layer 12 is outside 0..8"),
     ("missing-plugin", lambda t: [_stack_file(t, '[requires]\nplugins = ["pgolf-no-such-plugin>=0.2"]\n')],
@@ -213,18 +227,22 @@ def test_validate_rejects_with_one_line(case, build, words, tmp_path, capsys, mo
     assert out == ""
 
 
-@pytest.mark.parametrize(
-    "technique, words",
-    [
-        ("needs_ema", "technique 'needs_ema' requires 'ema', which the stack does not use; add it or drop 'needs_ema'"),
-        ("not_with_softcap", "techniques 'not_with_softcap' and 'softcap' cannot be combined; drop one"),
-    ],
-    ids=["unmet-requirement", "declared-conflict"],
-)
-def test_validate_rejects_unmet_requirements_and_conflicts(technique, words, tmp_path, capsys, isolated_registry):
+WITH_PLUGIN = [
+    ("unmet-requirement", lambda t: ["baseline", "--set", 'compressor.use="needs_ema"'],
+     "technique 'needs_ema' requires 'ema', which the stack does not use; add it or drop 'needs_ema'"),
+    ("declared-conflict", lambda t: ["baseline", "--set", 'compressor.use="not_with_softcap"'],
+     "techniques 'not_with_softcap' and 'softcap' cannot be combined; drop one"),
+    ("conflicting-modifiers", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "last 2"\n[[modifier]]\nuse = "xsa_variant"\n')],
+     "modifiers 'modifier[0](xsa)' and 'modifier[1](xsa_variant)' both set 'xsa' on layer 7 attention; narrow 'layers' or drop one"),
+]
+
+
+@pytest.mark.parametrize("case, build, words", WITH_PLUGIN, ids=[c[0] for c in WITH_PLUGIN])
+def test_validate_rejects_unmet_requirements_and_conflicts(case, build, words, tmp_path, capsys, isolated_registry):
+    """Techniques of a local plugin (``--plugin FILE``) that declare requirements, conflicts and a clashing option."""
     plugin = tmp_path / "catalogue_plugin.py"
     plugin.write_text(PLUGIN)
-    code, out, err = _cli(capsys, ["validate", "baseline", "--plugin", str(plugin), "--set", f'compressor.use="{technique}"'])
+    code, out, err = _cli(capsys, ["validate", *build(tmp_path), "--plugin", str(plugin)])
     _assert_one_line_errors(code, err, words)
 
 

@@ -36,4 +36,8 @@ def test_stack_model_compiles_fullgraph(registry, path):
     loss = compiled(x, y)
     loss.backward()
     torch.testing.assert_close(loss, eager)
-    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and not getattr(p, "_pgolf_untrained", False))
+    if getattr(model.topology, "recur_layers", ()):  # depth recurrence switched on: one recompile, still one graph
+        model.topology.recur_active = True
+        torch.testing.assert_close(compiled(x, y), model(x, y))
+        assert all(s.grad is None or torch.isfinite(s.grad).all() for s in model.topology.recur_scales)

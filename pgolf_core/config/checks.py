@@ -66,22 +66,11 @@ def check_stack(stack: Stack, registry: Registry) -> None:
         )
 
     used = {c.technique for c in stack.slots.values()} | {mc.technique for mc in stack.modifiers}
-    applied: dict[str, list[tuple[int, set[int]]]] = {}
     for i, mod in enumerate(stack.modifiers):
         try:
-            layers = set(parse_layers(mod.layers, m.num_layers))
+            parse_layers(mod.layers, m.num_layers)
         except ValueError as exc:
             problems.append(f"{where}: modifier[{i}]({mod.technique}).layers: {exc}")
-            continue
-        for j, earlier in applied.get(mod.technique, []):
-            both = sorted(layers & earlier)
-            if both:
-                shown = ", ".join(map(str, both[:8])) + (", ..." if len(both) > 8 else "")
-                problems.append(
-                    f"{where}: modifier[{i}]({mod.technique}) repeats modifier[{j}]({mod.technique}) on layers {shown}; "
-                    "a technique applies once per layer: merge them or make their 'layers' disjoint"
-                )
-        applied.setdefault(mod.technique, []).append((i, layers))
     choices = [(s, c.technique) for s, c in stack.slots.items()] + [("modifier", mc.technique) for mc in stack.modifiers]
     for slot, name in choices:
         reg = registry.get(slot, name)
