@@ -372,3 +372,13 @@ def test_elastic_restart_resumes_a_killed_worker_to_identical_numbers(small_data
     assert _numbers(run_dir) == _numbers(runs / "straight")
     records = [json.loads(line) for line in (runs / "ledger.jsonl").read_text().splitlines() if run_dir.name in line]
     assert records[-1]["status"] == "complete" and records[-1]["restart"] == 1
+
+
+def test_documented_exit_codes_are_the_ones_raised():
+    from conftest import REPO
+    from pgolf_core.errors import BudgetError, ConfigError
+    from pgolf_core.train import Interrupted
+
+    doc = (REPO / "docs" / "reliability.md").read_text()
+    for error in (ConfigError, BudgetError, NonFiniteError, DiskFullError, Interrupted):
+        assert f"\n| {error.exit_code} |" in doc, error.__name__
