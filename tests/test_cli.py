@@ -60,7 +60,9 @@ def test_sample_stack_runs_end_to_end(tmp_path):
     assert set(sub) == {"author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code"}
     assert sub["val_bpb"] == round(got["finals"][final][1], 8) or abs(sub["val_bpb"] - got["finals"][final][1]) < 1e-8
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["kind"] for m in metrics].count("train") == 6 and metrics[-1]["kind"] == "final"
+    kinds = [m["kind"] for m in metrics]
+    assert kinds.count("train") == 6 and kinds.count("final") == 1
+    assert [m for m in metrics if m["kind"] == "final"][0]["name"] + "_exact" == final
     assert "[optimizer]" in (run_dir / "stack.toml").read_text()
 
 
