@@ -1,4 +1,4 @@
-"""The ``pgolf`` command: run, validate, config, bench, list, show, stacks, schema, report, compare, significance, ledger, data.
+"""The ``pgolf`` command: run, validate, config, bench, bench-gptq, list, show, stacks, schema, report, compare, significance, ledger, data.
 
 Every user error is printed as one line per problem on stderr (``error: …``) with exit code 2 (3 for an
 artifact over the cap) and no traceback; ``--debug`` shows tracebacks.
@@ -446,6 +446,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench(args, stack, registry, _nproc(args.nproc_per_node))
 
 
+def cmd_bench_gptq(args: argparse.Namespace) -> int:
+    from .bench_gptq import dump, format_gptq_bench, run_gptq_bench
+
+    stack, registry = _load(args)
+    modes = [m.strip() for m in args.kv_cache.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("exact", "approximate", "off")]
+    if bad or not modes:
+        raise ConfigError(f"--kv-cache {args.kv_cache}: expected a comma list of exact, approximate, off")
+    result = run_gptq_bench(stack, registry, device=args.device, seqs=args.seqs, seq_len=args.seq_len, modes=modes, quantize=not args.no_quantize)
+    print(format_gptq_bench(result))
+    if args.json:
+        dump(result, args.json)
+    return 0
+
+
 def _type_name(t: Any) -> str:
     return getattr(t, "__name__", None) or str(t).replace("typing.", "")
 
@@ -649,6 +664,12 @@ def _add_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--legacy-env", action="store_true", help="apply reference-script environment variables (NUM_LAYERS, ...)")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgolf", description="Parameter-golf recipes as plugins and stack files.")
     common = argparse.ArgumentParser(add_help=False)
@@ -692,6 +713,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--nproc-per-node", default="1", help="processes (GPUs) for both pgolf and the reference; default 1")
     bench.add_argument("--verbose", action="store_true", help="echo pgolf's and the reference's log lines to stderr")
     bench.set_defaults(func=cmd_bench)
+
+    bg = sub.add_parser("bench-gptq", parents=[common], help="time GPTQ's self-generated calibration, Hessians and quantization for a stack's model")
+    _add_stack_args(bg)
+    bg.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="where generation and Hessians run (default: cuda when present)")
+    bg.add_argument("--seqs", type=int, help="calibration sequences (default: the stack's calib_seqs)")
+    bg.add_argument("--seq-len", type=int, help="tokens per sequence (default: the stack's calib_seq_len or train_seq_len)")
+    bg.add_argument("--kv-cache", default="off,exact,approximate", help="generation modes to time, comma-separated (default: all three)")
+    bg.add_argument("--no-quantize", action="store_true", help="skip the GPTQ pass itself")
+    bg.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    bg.set_defaults(func=cmd_bench_gptq)
 
     lst = sub.add_parser("list", parents=[common], help="registered techniques by slot")
     lst.add_argument("--slot", help="only this slot")

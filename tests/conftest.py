@@ -10,6 +10,14 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers (pytest -n) share the machine's cores: one intra-op thread each, for this process and
+    # the runs it starts, since busy-waiting OpenMP pools on an oversubscribed machine turn seconds into minutes.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PGOLF_SHARED") or REPO.parent / "shared")
 FIXTURE_1024 = SHARED / "data" / "fixture_sp1024"
@@ -21,7 +29,8 @@ STACKS = REPO / "stacks"
 
 
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR")}
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR", "OMP_NUM_THREADS")
+    full_env = {k: v for k, v in os.environ.items() if not k.isupper() or k in keep}
     full_env.setdefault("PGOLF_CACHE", str(cwd / ".cache"))
     full_env.update(env or {})
     return subprocess.run(

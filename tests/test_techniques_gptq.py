@@ -500,7 +500,7 @@ def test_sequential_hessian_model_wraps_only_the_hessian_pass():
 
     model.sequential_view = sequential_view
     handle = model.blocks[0].attn.c_q.register_forward_hook(lambda *a: state["seen"].append(state["on"]))
-    quant = GPTQ(GPTQParams(calib_seqs=2, calib_seq_len=3, gen_batch=2, hessian_model="sequential"))
+    quant = GPTQ(GPTQParams(calib_seqs=2, calib_seq_len=3, gen_batch=2, hessian_model="sequential", gen_kv_cache="off"))
     quant.calibrate(_ctx(model, stack, []))
     handle.remove()
     # generation: 2 forwards (live); Hessians: one forward per sequence under pr1019 (sequential)
@@ -513,16 +513,31 @@ def test_calibration_routines_batch_the_hessian_pass_and_log_like_their_referenc
     calls = []
     handle = model.blocks[0].attn.c_q.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
     logs = []
-    quant = GPTQ(GPTQParams(calib_seqs=3, calib_seq_len=3, gen_batch=2, gen_rng=rng, gen_seed=42))
+    quant = GPTQ(GPTQParams(calib_seqs=3, calib_seq_len=3, gen_batch=2, gen_rng=rng, gen_seed=42, gen_kv_cache="off"))
     quant.calibrate(_ctx(model, stack, logs))
     handle.remove()
-    generation = [2, 2, 1, 1]  # two batches (2 + 1 sequences), seq_len - 1 = 2 forwards each
+    generation = [2, 2, 1, 1]  # two batches (2 + 1 sequences), seq_len - 1 = 2 forwards each (the references' loop)
     assert calls[:4] == generation and len(calls) == 4 + hessian_forwards
     if rng == "pr1319":
         assert logs[0] == "gptq:calibrating batches=3"
         assert logs[1].startswith("gptq:done layers=24 time=") and logs[1].endswith("ms") and len(logs) == 2
     else:
         assert logs[-1] == "gptq:collected hessians for 24 layers (AR self-gen)" and len(logs) == 4
+
+
+@pytest.mark.parametrize("rng", ["pr1019", "pr1319"])
+def test_kv_cache_calibration_collects_the_same_hessians(rng):
+    model, stack = _tiny_model()
+    got = {}
+    for mode in ("off", "exact"):
+        quant = GPTQ(GPTQParams(calib_seqs=3, calib_seq_len=12, gen_batch=2, gen_rng=rng, gen_seed=42, gen_kv_cache=mode))
+        logs = []
+        quant.calibrate(_ctx(model, stack, logs))
+        assert not any("kv_cache off" in line for line in logs)
+        got[mode] = quant.hessians
+    assert got["off"].keys() == got["exact"].keys() and len(got["off"]) == 24
+    for name, h in got["off"].items():
+        torch.testing.assert_close(got["exact"][name], h, rtol=1e-5, atol=1e-6)
 
 
 def test_train_calibration_is_marked_non_compliant():

@@ -49,7 +49,7 @@ def test_diff_of_a_stack_with_itself_is_empty_and_json_lists_rows(capsys):
 def test_diff_names_technique_changes_and_keys_only_one_side_has(capsys):
     out = _run(capsys, "config", str(EXAMPLE_STACK), "--diff", str(STACKS / "sample.toml"))
     assert 'mlp.use: "relu2" -> "leaky_relu2"' in out
-    assert "mlp.negative_slope: (unset) -> 0.5" in out
+    assert "mlp.negative_slope: 0.0 -> 0.5" in out  # both MLPs have the key (relu2's LeakyReLU option, PR #1319)
     assert 'requires.plugins: (unset) -> ["pgolf-example-plugin>=0.1"]' in out
 
 
@@ -74,7 +74,7 @@ def test_schema_is_valid_json_schema_with_every_installed_technique(schema):
     for reg in default_registry().all():
         t = reg.technique
         options = props["modifier"]["items"]["oneOf"] if t.slot == "modifier" else props[t.slot]["oneOf"]
-        (option,) = [o for o in options if o["properties"]["use"]["const"] == t.name]
+        (option,) = [o for o in options if "properties" in o and o["properties"]["use"]["const"] == t.name]
         assert set(option["properties"]) >= {"use", *(a.name for a in __import__("attrs").fields(t.params))}
     muon = next(o for o in props["optimizer"]["oneOf"] if o["properties"]["use"]["const"] == "muon")
     assert muon["properties"]["matrix_lr"] == {"type": "number", "description": "Muon LR of 2-D block weights", "default": 0.04}
@@ -84,6 +84,12 @@ def test_schema_is_valid_json_schema_with_every_installed_technique(schema):
 @pytest.mark.parametrize("path", [*sorted(STACKS.glob("*.toml")), EXAMPLE_STACK], ids=lambda p: p.stem)
 def test_shipped_stacks_validate_against_the_schema(schema, path):
     jsonschema.validate(tomllib.loads(path.read_text()), schema)
+
+
+def test_a_child_stack_may_set_parameters_of_an_inherited_technique(schema):
+    jsonschema.validate({"schema_version": 1, "extends": "pr1019.toml", "quantizer": {"prune": "int"}}, schema)
+    with pytest.raises(jsonschema.ValidationError):  # with a 'use', the technique's own keys are checked
+        jsonschema.validate({"schema_version": 1, "quantizer": {"use": "gptq", "prunes": "int"}}, schema)
 
 
 @pytest.mark.parametrize(

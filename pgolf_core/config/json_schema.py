@@ -3,7 +3,8 @@
 For editors (taplo / Even Better TOML read JSON Schema for TOML files): completion of table and key names,
 types, defaults and help text. Each slot is a ``oneOf`` over its techniques, told apart by ``use``; the
 ``[[modifier]]`` array's items likewise. The schema describes what one file may contain, so nothing is
-``required`` except ``use`` (a stack may inherit the rest through ``extends``).
+``required`` except ``use`` (a stack may inherit the rest through ``extends``) — and a slot table may even
+omit ``use`` when it only sets parameters of the technique a base stack chose (checked after the merge).
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def stack_schema(registry: Registry) -> dict[str, Any]:
         props[name] = {"type": "object", "properties": fields_schema(cls), "additionalProperties": False}
     for slot in SINGLE_SLOTS:
         options = [_technique(r) for r in registry.all() if r.technique.slot == slot]
-        props[slot] = {"description": SLOTS[slot].returns, "oneOf": options} if options else {"type": "object"}
+        inherited = {"type": "object", "not": {"required": ["use"]},
+                     "description": "parameters of the technique chosen by the stack this one extends"}
+        props[slot] = {"description": SLOTS[slot].returns, "oneOf": [*options, inherited]} if options else {"type": "object"}
     modifiers = [_technique(r, {"layers": LAYERS}) for r in registry.all() if r.technique.slot == "modifier"]
     props["modifier"] = {"type": "array", "description": "modifiers, applied in file order", "items": {"oneOf": modifiers} if modifiers else {"type": "object"}}
     return {

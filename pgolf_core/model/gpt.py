@@ -62,6 +62,10 @@ class GPT(nn.Module):
     def logits(self, input_ids: Tensor) -> Tensor:
         return self.head.logits(self.hidden(input_ids), self.embedding.tok_emb.weight)
 
+    def last_logits(self, input_ids: Tensor) -> Tensor:
+        """Logits of the last position only, (B, V): what sampling reads, without the head over the prefix."""
+        return self.head.logits(self.hidden(input_ids)[:, -1:], self.embedding.tok_emb.weight).reshape(input_ids.shape[0], -1)
+
     @contextlib.contextmanager
     def sequential_view(self) -> Iterator["GPT"]:
         """Temporarily run every block once and sequentially: depth recurrence and parallel (GPT-J) blocks off.

@@ -115,6 +115,8 @@ class Rotary(nn.Module):
         self.rope_dims = rope_dims if rope_dims > 0 else dim
         self.base = base
         self.ntk_seq_len = ntk_seq_len
+        # Past ntk_seq_len the tables depend on the whole length: a KV cache is exact only up to here.
+        self.decode_exact_limit = ntk_seq_len if ntk_seq_len > 0 else None
         rd = self.rope_dims
         inv_freq = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
         self.register_buffer("inv_freq", inv_freq, persistent=False)

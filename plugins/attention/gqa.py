@@ -43,6 +43,10 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
+    mixes_positions = True
+    decode_aware = True  # a KV cache of pre-RoPE keys (pgolf_core.model.decode)
+    _decode = None
+
     def __init__(
         self,
         dim: int,
@@ -86,13 +90,16 @@ class CausalSelfAttention(nn.Module):
         v = v.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = F.rms_norm(q, (q.size(-1),))
         k = F.rms_norm(k, (k.size(-1),))
-        cos, sin = self.rotary(seqlen, x.device, q.dtype)
-        q = apply_rotary_emb(q, cos, sin)
-        k = apply_rotary_emb(k, cos, sin)
-        q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, is_causal=True, enable_gqa=(self.num_kv_heads != self.num_heads)
-        )
+        if self._decode is not None:
+            y = self._attend_cached(q, k, v)
+        else:
+            cos, sin = self.rotary(seqlen, x.device, q.dtype)
+            q = apply_rotary_emb(q, cos, sin)
+            k = apply_rotary_emb(k, cos, sin)
+            q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None, is_causal=True, enable_gqa=(self.num_kv_heads != self.num_heads)
+            )
         if self.use_xsa:
             y_xsa = exclusive_self_attention(y, v)
             if self.xsa_gate is not None:
@@ -101,6 +108,24 @@ class CausalSelfAttention(nn.Module):
                 y = y_xsa
         y = y.transpose(1, 2).contiguous().reshape(bsz, seqlen, dim)
         return self.proj(y)
+
+    def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Incremental decoding: append the new (pre-RoPE) keys and values, rotate every key with the tables of
+        the current length (NTK RoPE's base depends on it), attend from the new positions."""
+        st = self._decode.state(self)
+        if "k" in st:
+            k = torch.cat([st["k"], k], dim=2)
+            v = torch.cat([st["v"], v], dim=2)
+        st["k"], st["v"] = k, v
+        total, new = k.size(2), q.size(2)
+        cos, sin = self.rotary(total, q.device, q.dtype)
+        q = apply_rotary_emb(q, cos[:, :, total - new :], sin[:, :, total - new :])
+        k = apply_rotary_emb(k, cos, sin)
+        q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
+        mask = None
+        if new > 1:  # the new positions see the cache and, causally, each other
+            mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(diagonal=total - new)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=(self.num_kv_heads != self.num_heads))
 
 
 def build(params: GQAParams, ctx) -> CausalSelfAttention:

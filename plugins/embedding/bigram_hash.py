@@ -27,6 +27,10 @@ class BigramHashParams:
 
 
 class BigramHashEmbedding(nn.Module):
+    mixes_positions = True
+    decode_aware = True  # keeps the last token for the next step (pgolf_core.model.decode)
+    _decode = None
+
     def __init__(self, bigram_vocab_size: int, bigram_dim: int, model_dim: int, scale_init: float) -> None:
         super().__init__()
         self.bigram_vocab_size = bigram_vocab_size
@@ -46,7 +50,16 @@ class BigramHashEmbedding(nn.Module):
         return out.long()
 
     def forward(self, token_ids: Tensor) -> Tensor:
-        h = self.embed(self.bigram_hash(token_ids))
+        if self._decode is not None:
+            st = self._decode.state(self)
+            prev = st.get("last")
+            st["last"] = token_ids[..., -1:]
+            if prev is not None:  # hash the first new token with the previous one, not as position 0
+                h = self.embed(self.bigram_hash(torch.cat([prev, token_ids], dim=-1))[..., 1:])
+                return self._project(h)
+        return self._project(self.embed(self.bigram_hash(token_ids)))
+
+    def _project(self, h: Tensor) -> Tensor:
         if self.proj is not None:
             h = self.proj(h)
         return h * self.scale.to(dtype=h.dtype)

@@ -20,13 +20,22 @@ class SmearGateParams:
 
 
 class SmearGate(nn.Module):
+    mixes_positions = True
+    decode_aware = True  # keeps the last position for the next step (pgolf_core.model.decode)
+    _decode = None
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
         g = torch.sigmoid(self.gate.to(dtype=x.dtype))[None, None, :]
-        x_prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        first = torch.zeros_like(x[:, :1])
+        if self._decode is not None:
+            st = self._decode.state(self)
+            first = st.get("last", first)
+            st["last"] = x[:, -1:]
+        x_prev = torch.cat([first, x[:, :-1]], dim=1)
         return (1 - g) * x + g * x_prev
 
 

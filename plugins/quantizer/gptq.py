@@ -5,8 +5,20 @@ The pipeline, in the order the references run it:
 
 1. **Calibration** (``calibrate(ctx)``, after the training clock). ``calibration = "ar_selfgen"``: the trained
    model samples ``calib_seqs`` sequences of ``calib_seq_len`` tokens itself (first token uniform, then the
-   soft-capped last-position logits / ``temperature``, softmax, one multinomial draw; a full forward per token,
-   no KV cache), in batches of ``gen_batch``. Two RNG disciplines (``gen_rng``):
+   soft-capped last-position logits / ``temperature``, softmax, one multinomial draw), in batches of
+   ``gen_batch``. The references ran a full forward over the prefix per token. ``gen_kv_cache``:
+
+   * ``"exact"``: a KV cache (``pgolf_core.model.decode``) while the prefix is within the length where it
+     reproduces a full forward (NTK RoPE's ``ntk_seq_len``, 1024 in these records), full forwards of the
+     last position after that: the references' math, only summation order differs (so under bf16 the
+     sampler may pick another token here and there);
+   * ``"approximate"``: the cache throughout; past ``ntk_seq_len`` earlier positions keep the hidden states
+     of their own length, which is not what the references computed, and far fewer FLOPs;
+   * ``"off"``: a full forward per token, as the references.
+
+   Models with a position-mixing module that cannot decode incrementally (or whose incremental logits
+   disagree with full forwards on a probe) fall back to full forwards, logged. Two RNG disciplines
+   (``gen_rng``):
 
    * ``"pr1019"`` (#1019, #1392): one ``torch.Generator`` on the device seeded with ``gen_seed`` (the run's
      seed when ``-1``) draws the first tokens and every sample; logits divided by the temperature in the
@@ -74,6 +86,7 @@ from pgolf_core.calibration import (
 )
 from pgolf_core.config.fields import in_range, non_negative, one_of, param, positive
 from pgolf_core.hookspecs import hookimpl
+from pgolf_core.model.decode import DecodeCache, decode_logits, exact_positions, undecodable_modules
 from pgolf_core.model.layers import CastedLinear, is_control_tensor
 from pgolf_core.registry import Technique
 
@@ -110,6 +123,11 @@ class GPTQParams:
         "pr1019",
         help="calibration routine: 'pr1019' (one device generator seeded with gen_seed, one sequence per Hessian forward; also #1392) or 'pr1319' (global torch.manual_seed(gen_seed), per-batch start-token generators, fp32 logits, one batch per Hessian forward, #1319's log lines)",
         validator=one_of("pr1019", "pr1319"),
+    )
+    gen_kv_cache: str = param(
+        "exact",
+        help="'exact' (KV cache while it reproduces a full forward, i.e. up to NTK RoPE's ntk_seq_len, then full forwards), 'approximate' (the cache throughout: past ntk_seq_len not the references' math) or 'off' (a full forward per token, as the references)",
+        validator=one_of("exact", "approximate", "off"),
     )
     gen_seed: int = param(-1, help="generation seed; -1 = the run's seed (#1019, #1392); PR #1319 uses 42 whatever the run seed")
     hessian_model: str = param(
@@ -343,6 +361,29 @@ def collect_hessians(
     return finish_hessians(hessians, max(count, 1), damp)
 
 
+def decode_mismatch(model: nn.Module, vocab_size: int, device: torch.device, positions: int = 16) -> str | None:
+    """Why incremental decoding cannot stand in for full forwards on this model, or None when it can.
+
+    Checks the declared protocol first, then numerically: the logits of ``positions`` random tokens decoded one
+    at a time must match the last position of a full forward over each prefix (relative 1e-4 in fp32, 5e-2
+    under autocast) — a module that mixes positions without declaring it shows up here. Draws from its own
+    generator: the sampling RNG is untouched.
+    """
+    missing = undecodable_modules(model)
+    if missing:
+        return f"no incremental path in {', '.join(missing[:3])}"
+    positions = min(positions, exact_positions(model) or positions)
+    probe = torch.randint(0, vocab_size, (1, positions), device=device, generator=torch.Generator(device=device).manual_seed(0))
+    full = torch.cat([model.logits(probe[:, : t + 1]).reshape(1, t + 1, -1)[:, -1:].float() for t in range(positions)], dim=1)
+    cache = DecodeCache()
+    stepped = torch.cat([decode_logits(model, probe[:, i : i + 1], cache).reshape(1, 1, -1).float() for i in range(positions)], dim=1)
+    tol = 5e-2 if torch.is_autocast_enabled(device.type) else 1e-4
+    diff = (stepped - full).abs().max().item()
+    if not diff <= tol * (1.0 + full.abs().max().item()):
+        return f"incremental logits differ from a full forward by {diff:.3g}"
+    return None
+
+
 def ar_generate(
     model: nn.Module,
     *,
@@ -354,15 +395,26 @@ def ar_generate(
     seed: int = 42,
     rng: str = "pr1019",
     device: torch.device | str = "cpu",
+    kv_cache: str = "off",
 ) -> list[Tensor]:
-    """Sample ``num_seqs`` sequences of ``seq_len`` tokens from ``model.logits`` (no KV cache: a full forward
-    per token), under ``torch.inference_mode`` and the caller's autocast; returns the batches, (bs, seq_len) each.
+    """Sample ``num_seqs`` sequences of ``seq_len`` tokens from the model's logits, under
+    ``torch.inference_mode`` and the caller's autocast; returns the batches, (bs, seq_len) each. ``kv_cache``
+    (``GPTQParams.gen_kv_cache``; the caller checks ``decode_mismatch`` first): ``"exact"`` decodes one new
+    position per forward while the prefix is within ``exact_positions(model)`` and runs full forwards after,
+    ``"approximate"`` decodes throughout, ``"off"`` runs a full forward of the prefix per token.
 
     ``rng = "pr1019"``: one generator on ``device`` seeded with ``seed`` draws the first tokens and every
     sample; ``"pr1319"``: ``torch.manual_seed(seed)`` (global), the first tokens of the batch starting at
     sequence b from a generator seeded with b, samples from the default generator, logits in fp32 before the
     temperature."""
     device = torch.device(device)
+    if kv_cache == "off":
+        limit = 0
+    elif kv_cache == "approximate":
+        limit = seq_len
+    else:
+        limit = exact_positions(model) or seq_len
+    last_logits = getattr(model, "last_logits", None) or (lambda ids: model.logits(ids).reshape(ids.shape[0], ids.shape[1], -1)[:, -1, :])
     if rng == "pr1319":
         torch.manual_seed(seed)
         gen = None
@@ -375,14 +427,18 @@ def ar_generate(
             bs = min(batch_size, num_seqs - start)
             first_gen = torch.Generator(device=device).manual_seed(start) if rng == "pr1319" else gen
             tokens = torch.randint(0, vocab_size, (bs, 1), device=device, generator=first_gen)
+            cache, new = DecodeCache(), tokens
             for _ in range(seq_len - 1):
-                last = model.logits(tokens).reshape(bs, tokens.shape[1], -1)[:, -1, :]
+                if tokens.shape[1] <= limit:
+                    last = decode_logits(model, new, cache).reshape(bs, new.shape[1], -1)[:, -1, :]
+                else:
+                    last = last_logits(tokens)
                 if rng == "pr1319":
                     probs = torch.softmax(last.float() / temperature, dim=-1)
                 else:
                     probs = torch.softmax(last / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)
-                tokens = torch.cat([tokens, nxt], dim=1)
+                new = torch.multinomial(probs, 1, generator=gen)
+                tokens = torch.cat([tokens, new], dim=1)
             out.append(tokens)
     return out
 
@@ -508,9 +564,16 @@ class GPTQ:
             else:
                 log(f"gptq:generating autoregressive calibration data ({p.calib_seqs} seqs x {seq_len} tokens, temp={p.temperature})...")
             with ctx.runtime.autocast():
+                kv_cache = p.gen_kv_cache
+                if kv_cache != "off":
+                    with torch.inference_mode():
+                        why_not = decode_mismatch(model, ctx.vocab_size, torch.device(device))
+                    if why_not is not None:
+                        log(f"gptq:kv_cache off ({why_not}): a full forward per token")
+                        kv_cache = "off"
                 batches = ar_generate(
                     model, num_seqs=p.calib_seqs, seq_len=seq_len, vocab_size=ctx.vocab_size, temperature=p.temperature,
-                    batch_size=p.gen_batch, seed=seed, rng=p.gen_rng, device=device,
+                    batch_size=p.gen_batch, seed=seed, rng=p.gen_rng, device=device, kv_cache=kv_cache,
                 )
             if not pr1319:
                 log(f"gptq:generated {sum(b.shape[0] for b in batches)} sequences in {time.perf_counter() - t0:.1f}s")

@@ -39,6 +39,8 @@ class CanonParams:
 
 
 class CanonLayer(nn.Module):
+    mixes_positions = True  # a causal conv over time, with no incremental path: generation uses full forwards
+
     def __init__(self, dim: int, p: CanonParams) -> None:
         super().__init__()
         self.residual = p.residual

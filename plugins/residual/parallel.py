@@ -4,7 +4,7 @@ As PR #1392 ran it (``PARALLEL_START_LAYER=7``, after PR #1204): for the chosen 
 ``out = x_in + attn_scale ⊙ Attn(norm(x_in)·s) + mlp_scale ⊙ MLP(norm(x_in)·s)`` where ``x_in`` is the
 ``resid_mix`` mix of the stream and x0 and ``s`` the LN scale. No new parameters, one residual stream, the
 U-Net skip added before the block as usual. (The two-lane ``lane_merge`` / ``resid_mix_mlp`` variant that
-PR #1392's README describes is PR #1289's, not what its code ran.)
+PR #1392's README describes is PR #1289's, not what its code ran: ``two_lane_parallel``.)
 
 ``PARALLEL_START_LAYER=N`` selects layers ``N:``; a negative value selects none.
 """

@@ -5,8 +5,9 @@ From the official baseline ``train_gpt.py``: ``x = m0*x + m1*x0``; ``x += attn_s
 
 Options modifiers may set: ``ln_scale`` (a float multiplying both norm outputs, from ``ln_scale``);
 ``catalytic`` (extra per-channel gates on both branches, from ``catalytic_residuals``); ``canon_a`` /
-``canon_c`` (factories of modules applied to the attention / MLP inputs, from ``canon``); ``parallel``
-(attention and MLP both read the mixed input, from ``parallel_residual``).
+``canon_c`` (factories of modules applied to the attention / MLP inputs, from ``canon``); ``parallel``:
+``True`` (attention and MLP both read the mixed input, from ``parallel_residual``) or ``("two_lane",
+route_init)`` (``forward_lanes`` with an attention and an MLP lane, from ``two_lane_parallel``).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ class ResidMixParams:
 class ResidMixBlock(nn.Module):
     def __init__(
         self, dim: int, attn: nn.Module, mlp: nn.Module, ln_scale: float = 1.0, catalytic: bool = False, canon_a=None, canon_c=None,
-        parallel: bool = False,
+        parallel: bool = False, two_lane_routes: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         self.parallel = parallel  # a Python flag: the compiled graph specialises on it
+        self.two_lane = two_lane_routes is not None
         self.ln_scale_factor = ln_scale
         self.attn_norm = RMSNorm()
         self.mlp_norm = RMSNorm()
@@ -44,6 +46,9 @@ class ResidMixBlock(nn.Module):
             self.attn_gate = nn.Parameter(torch.ones(dim, dtype=torch.float32))
             self.mlp_gate = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
+        if self.two_lane:  # PR #1289 created these right after resid_mix
+            self.resid_mix_mlp = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
+            self.route = nn.Parameter(torch.tensor([float(r) for r in two_lane_routes], dtype=torch.float32))
         self.canon_a = canon_a() if canon_a is not None else None
         self.canon_c = canon_c() if canon_c is not None else None
 
@@ -76,8 +81,34 @@ class ResidMixBlock(nn.Module):
         x = x + mlp_gain * self.mlp(mlp_in)
         return x
 
+    def forward_lanes(self, x_a: Tensor, x_m: Tensor, x0: Tensor, aux: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """PR #1289's two-lane block: attention reads the attention lane, the MLP the MLP lane; ``route`` writes both."""
+        s = self.ln_scale_factor
+        r = self.route.to(dtype=x_a.dtype)
+        mix = self.resid_mix.to(dtype=x_a.dtype)
+        u_a = mix[0][None, None, :] * x_a + mix[1][None, None, :] * x0
+        attn_in = self.attn_norm(u_a) * s if s != 1.0 else self.attn_norm(u_a)
+        if self.canon_a is not None:
+            attn_in = self.canon_a(attn_in)
+        attn_gain = self.attn_scale.to(dtype=x_a.dtype)[None, None, :]
+        if self.catalytic:
+            attn_gain = attn_gain * self.attn_gate.to(dtype=x_a.dtype)[None, None, :]
+        attn_delta = attn_gain * (self.attn(attn_in, aux) if aux else self.attn(attn_in))
+        mix_m = self.resid_mix_mlp.to(dtype=x_m.dtype)
+        u_m = mix_m[0][None, None, :] * x_m + mix_m[1][None, None, :] * x0
+        mlp_in = self.mlp_norm(u_m) * s if s != 1.0 else self.mlp_norm(u_m)
+        if self.canon_c is not None:
+            mlp_in = self.canon_c(mlp_in)
+        mlp_gain = self.mlp_scale.to(dtype=x_m.dtype)[None, None, :]
+        if self.catalytic:
+            mlp_gain = mlp_gain * self.mlp_gate.to(dtype=x_m.dtype)[None, None, :]
+        mlp_delta = mlp_gain * self.mlp(mlp_in)
+        return x_a + r[0] * attn_delta + r[2] * mlp_delta, x_m + r[1] * attn_delta + r[3] * mlp_delta
+
 
 def build(params: ResidMixParams, ctx, attn: nn.Module, mlp: nn.Module) -> ResidMixBlock:
+    parallel = ctx.option("parallel", False)
+    two_lane = parallel[1] if isinstance(parallel, tuple) and parallel[0] == "two_lane" else None
     return ResidMixBlock(
         ctx.model.model_dim,
         attn,
@@ -86,7 +117,8 @@ def build(params: ResidMixParams, ctx, attn: nn.Module, mlp: nn.Module) -> Resid
         catalytic=bool(ctx.option("catalytic", False)),
         canon_a=ctx.option("canon_a"),
         canon_c=ctx.option("canon_c"),
-        parallel=bool(ctx.option("parallel", False)),
+        parallel=parallel is True,
+        two_lane_routes=two_lane,
     )
 
 
