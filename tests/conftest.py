@@ -77,3 +77,16 @@ def tiny_stack(registry, *overrides: str, path: Path | None = None):
         "run.train_log_every=1",
     ]
     return load_stack(path or STACKS / "baseline.toml", registry, overrides=[*base, *overrides])
+
+
+# The slowest modules (whole tiny runs in subprocesses) go first, so that with two workers (pytest -n 2) they run
+# side by side from the start and the short tests fill in at the end, instead of one long run finishing alone.
+SLOW_MODULES = ("test_parity_stacks.py", "test_resume.py", "test_parity_baseline.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOW_MODULES.index(name) if name in SLOW_MODULES else len(SLOW_MODULES)
+
+    items.sort(key=rank)

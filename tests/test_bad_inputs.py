@@ -165,6 +165,7 @@ VALIDATE = [
     ("duplicated-technique", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "last 2"\n[[modifier]]\nuse = "xsa"\nlayers = [0, 8]\n')],
      "modifiers 'modifier[0](xsa)' and 'modifier[1](xsa)' both set 'xsa' on layer 8 attention; narrow 'layers' or drop one"),
     ("duplicated-table", lambda t: [_stack_file(t, '[mlp]\nuse = "relu2"\n[mlp]\nuse = "relu2"\n')], "TOML syntax error: Cannot declare ('mlp',) twice"),
+    ("modifier-not-a-table", lambda t: ["baseline", "--set", "modifier=[0]"], "--set modifier=[0]: modifier[0]: expected a table like {use = \"xsa\"}, got int 0"),
     ("bad-layer-selector", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "most"\n')], "modifier[0](xsa).layers: unknown selector 'most'"),
     ("layer-out-of-range", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = [12]\n')], "modifier[0](xsa).layers: layer 12 is outside 0..8"),
     ("missing-plugin", lambda t: [_stack_file(t, '[requires]\nplugins = ["pgolf-no-such-plugin>=0.2"]\n')],

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import FIXTURE_1024, STACKS, TOKENIZER_1024, run_cli
+from conftest import FIXTURE_1024, FIXTURE_4096, STACKS, TOKENIZER_1024, TOKENIZER_4096, run_cli
 from pgolf_core.logparse import parse_log
 
 TINY = [
@@ -27,9 +27,17 @@ RECORD_TINY = [  # pr400 at tiny size: SWA snapshots and late QAT both switch on
     "evaluator.eval_seq_len=64", "evaluator.stride=32", "schedule.warmdown_iters=6",
 ]
 
+RECURRENT_TINY = [  # pr1392 at tiny size on the sp4096 fixture: the kill (after step 5) falls after the last
+    # checkpoint (step 4) and before nothing else, so the resumed run switches recurrence on itself at step 5,
+    # with the Parallel Muon banks' bf16 momentum and the recurrence scales' accumulated gradient restored.
+    f'data.path="{FIXTURE_4096}"', f'data.tokenizer="{TOKENIZER_4096}"',
+    "modifier[1].rope_dims=8", "modifier[4].layers=[2, 3]", "modifier[5].layers=[1]", "modifier[5].start_step=5",
+    'modifier[6].layers="2:"', "quantizer.calib_seqs=4", "evaluator.eval_seq_len=64", "evaluator.stride=32",
+]
+
 
 def _args(stack: str) -> list[str]:
-    sets = TINY + (RECORD_TINY if stack == "pr400" else [])
+    sets = TINY + {"pr400": RECORD_TINY, "pr1392": RECURRENT_TINY}.get(stack, [])
     out = ["run", str(STACKS / f"{stack}.toml")]
     for s in sets:
         out += ["--set", s]
@@ -90,8 +98,8 @@ def _numbers(run_dir):
 
 @pytest.mark.parametrize(
     "stack, nproc, sig",
-    [("baseline", 1, signal.SIGKILL), ("baseline", 2, signal.SIGKILL), ("pr400", 1, signal.SIGTERM)],
-    ids=["baseline-1proc-kill", "baseline-2proc-kill", "pr400-1proc-term"],
+    [("baseline", 1, signal.SIGKILL), ("baseline", 2, signal.SIGKILL), ("pr400", 1, signal.SIGTERM), ("pr1392", 2, signal.SIGKILL)],
+    ids=["baseline-1proc-kill", "baseline-2proc-kill", "pr400-1proc-term", "pr1392-2proc-kill"],
 )
 def test_interrupted_run_resumes_to_identical_numbers(stack, nproc, sig, tmp_path):
     args = _args(stack) + ["--nproc-per-node", str(nproc)]
@@ -111,6 +119,8 @@ def test_interrupted_run_resumes_to_identical_numbers(stack, nproc, sig, tmp_pat
     assert resumed.returncode == 0, [line for line in resumed.stderr.splitlines() if "error" in line][:5]
     log = (tmp_path / "runs" / "cut" / "log.txt").read_text()
     assert "resumed at step:" in log
+    if stack == "pr1392":
+        assert "depth_recurrence:enabled step:5 layers:1" in log.split("resumed at step:")[1]
     assert _numbers(tmp_path / "runs" / "cut") == _numbers(tmp_path / "runs" / "straight")
 
 

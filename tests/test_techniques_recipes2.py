@@ -108,6 +108,21 @@ def test_banked_muon_step_is_the_records_update():
     assert opt.state[bank[0]]["shard_momentum"].dtype == torch.bfloat16  # bf16 momentum, as the records
 
 
+def test_banked_muon_keeps_bf16_momentum_through_a_state_dict_round_trip():
+    torch.manual_seed(0)
+    bank = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(3)]
+    opt = BankedMuon([bank], lr=0.02, momentum=0.95, backend_steps=5, weight_decay=0.0)
+    for p in bank:
+        p.grad = torch.randn(8, 4)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = BankedMuon([bank], lr=0.02, momentum=0.95, backend_steps=5, weight_decay=0.0)
+    fresh.load_state_dict(saved)  # torch would cast it to the parameters' fp32: a resumed run would drift
+    (state,) = fresh.state.values()
+    assert state["shard_momentum"].dtype == torch.bfloat16
+    assert torch.equal(state["shard_momentum"], opt.state[bank[0]]["shard_momentum"])
+
+
 def test_parallel_muon_groups_four_banks_and_skips_untrained(registry):
     stack = _tiny(registry, "pr1392")
     model, _ = build_model(stack, registry)

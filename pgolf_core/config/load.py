@@ -223,7 +223,7 @@ def load_stack(
     problems: list[str] = []
 
     def report(keypath: str, message: str) -> None:
-        origin = next((f"--set {e}" for k, e in set_paths.items() if keypath == k or keypath.startswith(k + ".")), None)
+        origin = next((f"--set {e}" for k, e in set_paths.items() if keypath == k or keypath.startswith((k + ".", k + "["))), None)
         problems.append(f"{origin or source.locate(keypath)}: {keypath}: {message}")
 
     for key in data:
@@ -267,6 +267,9 @@ def load_stack(
         report("modifier", "expected an array of tables [[modifier]]")
         raw_mods = []
     for index, table in enumerate(raw_mods):
+        if not isinstance(table, dict):
+            report(f"modifier[{index}]", f"expected a table like {{use = \"xsa\"}}, got {type(table).__name__} {table!r}")
+            continue
         table = dict(table)
         if legacy_env is not None and not _legacy_modifier_env(table, index, registry, legacy_env, env_log, problems):
             continue

@@ -113,6 +113,14 @@ class BankedMuon(torch.optim.Optimizer):
         self.order = sorted(range(len(groups)), key=lambda i: -sum(p.numel() for p in self.param_groups[i]["params"]))
         self._pending: dict[int, tuple[Tensor, object]] = {}
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts floating state to the parameter's dtype on load; the shard momentum lives in bf16 (as in
+        the reference), so it is cast back (exactly: it was bf16 when saved) for a resumed run to match."""
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            if "shard_momentum" in st:
+                st["shard_momentum"] = st["shard_momentum"].to(torch.bfloat16)
+
     def _world(self) -> tuple[bool, int, int]:
         on = dist.is_available() and dist.is_initialized()
         return on, (dist.get_world_size() if on else 1), (dist.get_rank() if on else 0)
