@@ -286,7 +286,7 @@ def _write_ledger(stack, registry, run_dir: Path, run_id: str, status: str, erro
 def _check_buildable(stack, registry):
     """Build what a run builds from the stack alone (the model on the meta device, the schedule, averaging,
     quantizer, compressor and evaluator objects), so settings a technique rejects fail as one line before
-    anything starts."""
+    anything starts. Returns the model and the built slot objects."""
     import torch
 
     from .model.gpt import build_model
@@ -299,14 +299,36 @@ def _check_buildable(stack, registry):
         raise
     except Exception as exc:
         raise ConfigError(f"{stack.path}: the model does not build: {_first_line(exc)} (techniques: {technique_table(stack)})") from None
+    built = {}
     for slot in ("schedule", "averaging", "quantizer", "compressor", "evaluator"):
         try:
-            build_slot(stack, registry, slot)
+            built[slot] = build_slot(stack, registry, slot)
         except PgolfError:
             raise
         except Exception as exc:
             raise ConfigError(f"{stack.path}: {slot}({stack.technique(slot)}): {_first_line(exc)}") from None
-    return model
+    return model, built
+
+
+def compliance_lines(stack, built: dict) -> list[str]:
+    """What validate says about the challenge's rules: each final line the evaluator will report, and the
+    quantizer's calibration source. Evaluators without ``reported_lines`` get one line from their flag."""
+    from .train import final_line_compliance, quantizer_compliance
+
+    evaluator, quantizer, compressor = built.get("evaluator"), built.get("quantizer"), built.get("compressor")
+    out = []
+    names = None
+    if callable(getattr(evaluator, "reported_lines", None)):
+        names = evaluator.reported_lines(getattr(quantizer, "label", "q"), getattr(compressor, "label", "c"))
+    if names:
+        for name, check in final_line_compliance(evaluator, names).items():
+            out.append(f"  {name} {'ok' if check.ok else 'NOT_COMPLIANT'} - {check.reason}")
+    elif evaluator is not None:
+        ok = bool(getattr(evaluator, "compliant", True))
+        out.append(f"  evaluator({stack.technique('evaluator')}) {'ok' if ok else 'NOT_COMPLIANT'} - {getattr(evaluator, 'compliance_note', '') or '(no note)'}")
+    for check in quantizer_compliance(quantizer):
+        out.append(f"  {check.what} {'ok' if check.ok else 'NOT_COMPLIANT'} - {check.reason}")
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
@@ -390,7 +412,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .model.gpt import count_parameters
 
     stack, registry = _load(args)
-    model = _check_buildable(stack, registry)
+    model, built = _check_buildable(stack, registry)
     n = count_parameters(model)
     print(f"{stack.path}: ok")
     print(f"model_params:{n}")
@@ -398,6 +420,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"  {slot:<10} {choice.technique}")
     for i, mod in enumerate(stack.modifiers):
         print(f"  modifier[{i}] {mod.technique} layers={mod.layers!r}")
+    lines = compliance_lines(stack, built)
+    if lines:
+        print("compliance (the challenge's rules: no validation token used before it is scored, no training data after the training clock):")
+        print("\n".join(lines))
     return 0
 
 

@@ -189,12 +189,27 @@ def render_markdown(run: RunRecord, plot_note: str | None) -> str:
         ]
         lines += [""]
     if run.finals:
-        lines += ["## Final evaluation (after the artifact round trip)", "", "| line | val_loss | val_bpb | eval time (ms) |", "|---|---:|---:|---:|"]
+        rules = s.get("final", {}) if isinstance(s.get("final"), dict) else {}
+
+        def allowed(name: str) -> str:
+            check = rules.get(name) or rules.get(str(name).removesuffix("_exact")) or {}
+            return {True: "yes", False: "**no**"}.get(check.get("compliant"), "-")
+
+        lines += ["## Final evaluation (after the artifact round trip)", "",
+                  "| line | val_loss | val_bpb | eval time (ms) | allowed by the rules |", "|---|---:|---:|---:|---|"]
         lines += [
-            f"| {f.get('name')} | {_fmt(f.get('val_loss'), '.8f')} | {_fmt(f.get('val_bpb'), '.8f')} | {_fmt(f.get('eval_time_ms'), '.0f')} |"
+            f"| {f.get('name')} | {_fmt(f.get('val_loss'), '.8f')} | {_fmt(f.get('val_bpb'), '.8f')} | {_fmt(f.get('eval_time_ms'), '.0f')} | {allowed(f.get('name'))} |"
             for f in run.finals
         ]
         lines += [""]
+        why = [(name, c) for name, c in rules.items() if isinstance(c, dict) and c.get("compliance")]
+        why += [(c.get("what"), {"compliant": c.get("ok"), "compliance": c.get("reason")}) for c in s.get("quantizer_compliance", []) if isinstance(c, dict)]
+        if why:
+            lines += ["## Compliance", ""]
+            lines += [f"- `{name}`: {'allowed' if c.get('compliant') else '**not allowed**'} — {c.get('compliance')}" for name, c in why]
+            if s.get("score_line"):
+                lines += [f"- submission.json carries `{s['score_line']}`."]
+            lines += [""]
     lines += ["## Curves", ""]
     lines += [f"loss.png was not drawn: {plot_note}." if plot_note else "![train and validation loss, LR multiplier](loss.png)"]
     return "\n".join(lines) + "\n"

@@ -96,3 +96,9 @@ def test_validate_reports_the_reference_parameter_count(stack, params, tmp_path)
     proc = run_cli(["validate", str(STACKS / f"{stack}.toml")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"model_params:{params}" in proc.stdout
+    compliance = proc.stdout.split("compliance (the challenge's rules")[1]
+    assert "final_int6_sliding_window ok - each validation token is scored by the frozen model" in compliance
+    if stack == "pr1319":  # SLOT scores tokens it was optimised on: reported, and said to be outside the rules
+        assert "final_slot NOT_COMPLIANT - optimises per-window parameters on the very tokens it then scores" in compliance
+    if stack in ("pr1019", "pr1392", "pr1319"):
+        assert "gptq calibration data ok - sequences the trained model generates itself" in compliance

@@ -66,6 +66,27 @@ def test_report_tells_the_story_of_the_run(tmp_path):
     assert png == run / "loss.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_says_which_final_lines_the_rules_allow(tmp_path):
+    run = make_run(tmp_path, "r1", 1337, 2.1)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["final"] = {
+        "final_int6_sliding_window": {"val_loss": 2.1, "val_bpb": 1.1, "compliant": True, "compliance": "causal scoring"},
+        "final_slot": {"val_loss": 1.3, "val_bpb": 0.7, "compliant": False, "compliance": "optimises on the tokens it scores"},
+    }
+    summary["quantizer_compliance"] = [{"what": "gptq calibration data", "ok": True, "reason": "self-generated"}]
+    summary["score_line"] = "final_int6_sliding_window"
+    (run / "summary.json").write_text(json.dumps(summary))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"final"' not in line]
+    records += [{"kind": "final", "name": n, "val_loss": v["val_loss"], "val_bpb": v["val_bpb"], "eval_time_ms": 5.0} for n, v in summary["final"].items()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = write_report(run)[0].read_text()
+    assert "| final_slot | 1.30000000 | 0.70000000 | 5 | **no** |" in text
+    assert "| final_int6_sliding_window | 2.10000000 | 1.10000000 | 5 | yes |" in text
+    assert "- `final_slot`: **not allowed** — optimises on the tokens it scores" in text
+    assert "- `gptq calibration data`: allowed — self-generated" in text
+    assert "- submission.json carries `final_int6_sliding_window`." in text
+
+
 def test_without_matplotlib_the_report_says_so_and_skips_the_png(tmp_path, monkeypatch, capsys):
     run = make_run(tmp_path, "r1", 1337, 2.1)
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -39,6 +39,10 @@ class FullVal:
         val_loss, val_bpb = eval_val(model, env)
         return [(self.label.format(quant=quant, comp=comp), val_loss, val_bpb, 1000.0 * (time.perf_counter() - t0), "")]
 
+    def reported_lines(self, quant: str, comp: str) -> list[str]:
+        """The final line names ``evaluate`` will log (``pgolf validate`` checks them against the rules)."""
+        return [self.label.format(quant=quant, comp=comp)]
+
     def compliance_for(self, line_name: str) -> Compliance:
         """The rule check of the reported line (``line_name`` as logged, with or without ``_exact``)."""
         if matches_label(self.label, line_name):

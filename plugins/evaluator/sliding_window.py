@@ -167,6 +167,14 @@ class SlidingWindow:
             results.append((p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), f"stride:{p.stride}"))
         return results
 
+    def reported_lines(self, quant: str, comp: str) -> list[str]:
+        """The final line names ``evaluate`` will log (``pgolf validate`` checks them against the rules)."""
+        p = self.params
+        lines = [p.roundtrip_label.format(quant=quant, comp=comp)]
+        if p.stride < self.eval_seq_len:
+            lines.append(p.label.format(quant=quant, comp=comp))
+        return lines
+
     def compliance_for(self, line_name: str) -> Compliance:
         """The rule check of one reported line (``line_name`` as logged, with or without ``_exact``)."""
         if matches_label(self.params.roundtrip_label, line_name):

@@ -299,6 +299,9 @@ class Slot:
         results.append((self.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), note))
         return results
 
+    def reported_lines(self, quant: str, comp: str) -> list[str]:
+        return [*self.window.reported_lines(quant, comp), self.label.format(quant=quant, comp=comp)]
+
     def compliance_for(self, line_name: str) -> Compliance:
         """The rule check of one reported line (``line_name`` as logged, with or without ``_exact``)."""
         if matches_label(self.label, line_name):

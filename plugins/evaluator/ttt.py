@@ -220,6 +220,9 @@ class ScoreFirstTTT:
         results.append((p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), note))
         return results
 
+    def reported_lines(self, quant: str, comp: str) -> list[str]:
+        return [*self.window.reported_lines(quant, comp), self.params.label.format(quant=quant, comp=comp)]
+
     def compliance_for(self, line_name: str) -> Compliance:
         """The rule check of one reported line (``line_name`` as logged, with or without ``_exact``)."""
         if matches_label(self.params.label, line_name):
