@@ -52,57 +52,46 @@ class ResidMixBlock(nn.Module):
         self.canon_a = canon_a() if canon_a is not None else None
         self.canon_c = canon_c() if canon_c is not None else None
 
-    def forward(self, x: Tensor, x0: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
-        mix = self.resid_mix.to(dtype=x.dtype)
-        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
+    def _attn_delta(self, u: Tensor, aux: dict[str, Tensor] | None) -> Tensor:
+        """``attn_scale (⊙ attn_gate) ⊙ Attn(norm(u)·s)``: the attention branch's addition to the stream."""
         s = self.ln_scale_factor
-        attn_in = self.attn_norm(x) * s if s != 1.0 else self.attn_norm(x)
+        attn_in = self.attn_norm(u) * s if s != 1.0 else self.attn_norm(u)
         if self.canon_a is not None:
             attn_in = self.canon_a(attn_in)
         attn_out = self.attn(attn_in, aux) if aux else self.attn(attn_in)
-        attn_gain = self.attn_scale.to(dtype=x.dtype)[None, None, :]
+        gain = self.attn_scale.to(dtype=u.dtype)[None, None, :]
         if self.catalytic:
-            attn_gain = attn_gain * self.attn_gate.to(dtype=x.dtype)[None, None, :]
-        if self.parallel:  # both branches read the mixed input (PR #1392's parallel blocks)
-            mlp_in = self.mlp_norm(x) * s if s != 1.0 else self.mlp_norm(x)
-            if self.canon_c is not None:
-                mlp_in = self.canon_c(mlp_in)
-            mlp_gain = self.mlp_scale.to(dtype=x.dtype)[None, None, :]
-            if self.catalytic:
-                mlp_gain = mlp_gain * self.mlp_gate.to(dtype=x.dtype)[None, None, :]
-            return x + attn_gain * attn_out + mlp_gain * self.mlp(mlp_in)
-        x = x + attn_gain * attn_out
-        mlp_in = self.mlp_norm(x) * s if s != 1.0 else self.mlp_norm(x)
+            gain = gain * self.attn_gate.to(dtype=u.dtype)[None, None, :]
+        return gain * attn_out
+
+    def _mlp_delta(self, u: Tensor) -> Tensor:
+        """``mlp_scale (⊙ mlp_gate) ⊙ MLP(norm(u)·s)``: the MLP branch's addition to the stream."""
+        s = self.ln_scale_factor
+        mlp_in = self.mlp_norm(u) * s if s != 1.0 else self.mlp_norm(u)
         if self.canon_c is not None:
             mlp_in = self.canon_c(mlp_in)
-        mlp_gain = self.mlp_scale.to(dtype=x.dtype)[None, None, :]
+        gain = self.mlp_scale.to(dtype=u.dtype)[None, None, :]
         if self.catalytic:
-            mlp_gain = mlp_gain * self.mlp_gate.to(dtype=x.dtype)[None, None, :]
-        x = x + mlp_gain * self.mlp(mlp_in)
-        return x
+            gain = gain * self.mlp_gate.to(dtype=u.dtype)[None, None, :]
+        return gain * self.mlp(mlp_in)
+
+    @staticmethod
+    def _mix(weights: Tensor, x: Tensor, x0: Tensor) -> Tensor:
+        w = weights.to(dtype=x.dtype)
+        return w[0][None, None, :] * x + w[1][None, None, :] * x0
+
+    def forward(self, x: Tensor, x0: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
+        x = self._mix(self.resid_mix, x, x0)
+        if self.parallel:  # both branches read the mixed input (PR #1392's parallel blocks)
+            return x + self._attn_delta(x, aux) + self._mlp_delta(x)
+        x = x + self._attn_delta(x, aux)
+        return x + self._mlp_delta(x)
 
     def forward_lanes(self, x_a: Tensor, x_m: Tensor, x0: Tensor, aux: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """PR #1289's two-lane block: attention reads the attention lane, the MLP the MLP lane; ``route`` writes both."""
-        s = self.ln_scale_factor
         r = self.route.to(dtype=x_a.dtype)
-        mix = self.resid_mix.to(dtype=x_a.dtype)
-        u_a = mix[0][None, None, :] * x_a + mix[1][None, None, :] * x0
-        attn_in = self.attn_norm(u_a) * s if s != 1.0 else self.attn_norm(u_a)
-        if self.canon_a is not None:
-            attn_in = self.canon_a(attn_in)
-        attn_gain = self.attn_scale.to(dtype=x_a.dtype)[None, None, :]
-        if self.catalytic:
-            attn_gain = attn_gain * self.attn_gate.to(dtype=x_a.dtype)[None, None, :]
-        attn_delta = attn_gain * (self.attn(attn_in, aux) if aux else self.attn(attn_in))
-        mix_m = self.resid_mix_mlp.to(dtype=x_m.dtype)
-        u_m = mix_m[0][None, None, :] * x_m + mix_m[1][None, None, :] * x0
-        mlp_in = self.mlp_norm(u_m) * s if s != 1.0 else self.mlp_norm(u_m)
-        if self.canon_c is not None:
-            mlp_in = self.canon_c(mlp_in)
-        mlp_gain = self.mlp_scale.to(dtype=x_m.dtype)[None, None, :]
-        if self.catalytic:
-            mlp_gain = mlp_gain * self.mlp_gate.to(dtype=x_m.dtype)[None, None, :]
-        mlp_delta = mlp_gain * self.mlp(mlp_in)
+        attn_delta = self._attn_delta(self._mix(self.resid_mix, x_a, x0), aux)
+        mlp_delta = self._mlp_delta(self._mix(self.resid_mix_mlp, x_m, x0))
         return x_a + r[0] * attn_delta + r[2] * mlp_delta, x_m + r[1] * attn_delta + r[3] * mlp_delta
 
 
