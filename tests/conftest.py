@@ -42,8 +42,15 @@ def parity_case(name: str, case: str) -> dict:
     return json.loads((PARITY / f"{name}.json").read_text())[case]
 
 
+# The reference trajectories reproduce with PyTorch's AVX2 CPU kernels. On a machine with AVX-512 the kernels sum in
+# another order, and once late QAT rounds the weights those last-bit differences grow to ~3e-3 in a few steps (past the
+# 2e-3 tolerance), so the parity runs pin the kernel set; it changes nothing on machines without AVX-512.
+PARITY_CPU_CAPABILITY = {"ATEN_CPU_CAPABILITY": "avx2"}
+
+
 def legacy_env(case: dict, data: Path, tokenizer: Path) -> dict[str, str]:
     env = {k.upper(): v for k, v in case["env"].items()}
+    env.update(PARITY_CPU_CAPABILITY)
     env["DATA_PATH"] = str(data)
     env["TOKENIZER_PATH"] = str(tokenizer)
     return env
