@@ -25,9 +25,9 @@ import torch
 
 from conftest import FIXTURE_1024, STACKS, TOKENIZER_1024, tiny_stack
 from pgolf_core import checkpoint
-from pgolf_core import cli as cli_module
 from pgolf_core import rundir as rundir_module
 from pgolf_core.cli import main
+from pgolf_core.cli import run as run_command
 from pgolf_core.errors import DiskFullError, NonFiniteError
 from pgolf_core.logparse import parse_log
 from pgolf_core.runtime import Runtime
@@ -115,7 +115,7 @@ def straight(small_data, tmp_path_factory):
 def cli(monkeypatch, capsys):
     """``pgolf run`` in-process; reports are skipped (the straight run covers them), signal handlers restored."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    monkeypatch.setattr(cli_module, "_report", lambda run_dir: None)
+    monkeypatch.setattr(run_command, "_report", lambda run_dir: None)
     monkeypatch.setenv("PGOLF_PROGRESS", "0")
 
     def run(argv: list[str], fault: str | None = None) -> tuple[int, str]:
@@ -240,7 +240,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(cli, small_
     assert not (failed / "checkpoints" / "step_00000004").exists() and _temp_files(failed) == []
 
     monkeypatch.undo()  # space is free again
-    monkeypatch.setattr(cli_module, "_report", lambda run_dir: None)
+    monkeypatch.setattr(run_command, "_report", lambda run_dir: None)
     code, err = cli(_argv(small_data, runs, resume=failed))
     assert code == 0, err
     assert _numbers(runs / "full") == straight["numbers"]

@@ -1,0 +1,107 @@
+"""What several commands share: the registry and the stack an invocation names, the stack arguments, the
+meta-device build check. Heavy imports (torch, the model, the trainer) stay inside the functions, as in every command module."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import attrs
+
+from ..errors import ConfigError, PgolfError
+
+REPO_STACKS = Path(__file__).resolve().parent.parent.parent / "stacks"
+
+
+def registry_for(args: argparse.Namespace):
+    """The installed techniques plus any ``--plugin`` modules."""
+    from ..registry import default_registry
+
+    return default_registry(tuple(getattr(args, "plugin", None) or ()))
+
+
+def resolve_stack_path(value: str) -> str:
+    """A stack argument is a path, or the name of a bundled stack (``baseline`` → stacks/baseline.toml)."""
+    if Path(value).is_file() or value.endswith(".toml"):
+        return value
+    candidate = REPO_STACKS / f"{value}.toml"
+    if candidate.is_file():
+        return str(candidate)
+    return value
+
+
+def load_stack_and_registry(args: argparse.Namespace):
+    """The stack the arguments name, with ``--set``, ``--legacy-env``, ``--run-id`` and ``--out-dir`` applied, and its registry."""
+    from ..config import load_stack
+
+    registry = registry_for(args)
+    env = dict(os.environ) if getattr(args, "legacy_env", False) else None
+    stack = load_stack(resolve_stack_path(args.stack), registry, overrides=args.set or [], legacy_env=env)
+    if getattr(args, "run_id", None) or getattr(args, "out_dir", None):
+        changes = {}
+        if args.run_id:
+            changes["run_id"] = args.run_id
+        if args.out_dir:
+            changes["out_dir"] = args.out_dir
+        stack = attrs.evolve(stack, run=attrs.evolve(stack.run, **changes))
+    return stack, registry
+
+
+def check_buildable(stack, registry):
+    """Build what a run builds from the stack alone (the model on the meta device, the schedule, averaging,
+    quantizer, compressor and evaluator objects), so settings a technique rejects fail as one line before
+    anything starts. Returns the model and the built slot objects."""
+    import torch
+
+    from ..model.gpt import build_model
+    from ..train import build_slot, technique_table
+
+    try:
+        with torch.device("meta"):
+            model, _ = build_model(stack, registry)
+    except PgolfError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{stack.path}: the model does not build: {_first_line(exc)} (techniques: {technique_table(stack)})") from None
+    built = {}
+    for slot in ("schedule", "averaging", "quantizer", "compressor", "evaluator"):
+        try:
+            built[slot] = build_slot(stack, registry, slot)
+        except PgolfError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"{stack.path}: {slot}({stack.technique(slot)}): {_first_line(exc)}") from None
+    return model, built
+
+
+def _first_line(exc: BaseException) -> str:
+    """A technique's own words for a ValueError (it says what is wrong); the type too for anything else."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if isinstance(exc, ValueError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def parse_nproc(value: str) -> int:
+    """``--nproc-per-node``: a positive integer, or 'auto' (the number of GPUs, 1 without)."""
+    if value == "auto":
+        try:
+            import torch
+
+            return max(torch.cuda.device_count(), 1)
+        except Exception:
+            return 1
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"--nproc-per-node {value!r}: expected an integer or 'auto'") from None
+    if n < 1:
+        raise ConfigError(f"--nproc-per-node {n}: must be >= 1")
+    return n
+
+
+def add_stack_args(p: argparse.ArgumentParser) -> None:
+    """The stack positional and the options that change how it resolves (``--set``, ``--legacy-env``)."""
+    p.add_argument("stack", help="stack file (or the name of a bundled stack, e.g. baseline)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, value parsed as TOML (repeatable)")
+    p.add_argument("--legacy-env", action="store_true", help="apply reference-script environment variables (NUM_LAYERS, ...)")

@@ -1,0 +1,35 @@
+"""``pgolf data download``: fetch the published FineWeb shards and tokenizer from the Hugging Face Hub and say
+how to point a stack at them; ``data`` is a command group so other data commands can join it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from ..download import HubSource, download
+
+    source = HubSource(args.repo_id, args.remote_root, args.revision, args.endpoint, args.cache_dir)
+    result = download(args.variant, args.train_shards, args.dir, source, log=lambda line: print(line, file=sys.stderr))
+    n = len(result.fetched) + len(result.kept)
+    print(f"data ready: {n} files ({len(result.fetched)} downloaded, {len(result.kept)} already present and verified)")
+    tokenizer = f', data.tokenizer = "{result.tokenizer_path}"' if result.tokenizer_path else ""
+    print(f'use it in a stack: data.path = "{result.dataset_dir}"{tokenizer}')
+    return 0
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    data = sub.add_parser("data", help="challenge data: download shards and tokenizers")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    dl = data_sub.add_parser("download", parents=[common], help="fetch the published FineWeb shards and tokenizer from the Hugging Face Hub")
+    dl.add_argument("--variant", default="sp1024", help="sp1024, sp4096 (sp<VOCAB_SIZE>) or byte260 (default sp1024)")
+    dl.add_argument("--train-shards", type=int, default=80, help="training shards, a prefix of the export (default 80 = 8B tokens)")
+    dl.add_argument("--dir", default="data", help="destination; files land in DIR/datasets/ and DIR/tokenizers/ (default ./data)")
+    dl.add_argument("--endpoint", help="Hub base URL (default: $HF_ENDPOINT or https://huggingface.co)")
+    dl.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf"), help="dataset repo")
+    dl.add_argument("--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets"), help="export root inside the repo")
+    dl.add_argument("--revision", help="branch, tag or commit of the dataset repo (default: main)")
+    dl.add_argument("--cache-dir", help="Hugging Face cache directory (default: the Hub's own)")
+    dl.set_defaults(func=cmd_data_download)
