@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from collections.abc import Mapping
+
 import attrs
 import torch
 
 from .config.schema import Stack
+from .contracts import Fitting
 from .registry import Registry
 
 
@@ -42,7 +45,28 @@ def serialize(obj: Any) -> bytes:
 
 
 def deserialize(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    """The inverse of ``serialize``; tensors, numbers, strings and containers only (no code runs on load)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class ByteCompressor:
+    """A compressor over the serialized quantized object (``torch.save`` of its dicts of tensors and metadata),
+    as every record before per-group compression did: a subclass implements ``compress_bytes`` and
+    ``decompress_bytes``; ``label`` names it in the log lines (``final_int8_zlib_roundtrip``)."""
+
+    label = ""
+
+    def compress(self, obj: Any) -> bytes:
+        return self.compress_bytes(serialize(obj))
+
+    def decompress(self, data: bytes) -> Any:
+        return deserialize(self.decompress_bytes(data))
+
+    def compress_bytes(self, data: bytes) -> bytes:
+        raise NotImplementedError
+
+    def decompress_bytes(self, data: bytes) -> bytes:
+        raise NotImplementedError
 
 
 def code_files(stack: Stack, registry: Registry) -> list[Path]:
@@ -95,16 +119,17 @@ def code_bytes(stack: Stack, registry: Registry, stack_toml: str) -> int:
     return sum(p.stat().st_size for p in code_files(stack, registry)) + len(stack_toml.encode("utf-8"))
 
 
-def build_artifact(weights: dict[str, torch.Tensor], quantizer: Any, compressor: Any, bytes_code: int, return_object: bool = False) -> Any:
-    """Quantize, let the quantizer fit the result to the cap if it can (``fit(obj, measure)``, e.g. selective
-    pruning, with ``measure`` = code + compressed bytes), serialize and compress."""
-    obj, stats = quantizer.quantize(weights)
-    if callable(getattr(quantizer, "fit", None)):
-        obj = quantizer.fit(obj, lambda candidate: bytes_code + len(compressor.compress(serialize(candidate))))
-    raw = serialize(obj)
-    artifact = Artifact(compressor.compress(raw), len(raw), stats, bytes_code)
+def build_artifact(
+    weights: dict[str, torch.Tensor], roles: Mapping[str, str], quantizer: Any, compressor: Any, bytes_code: int, return_object: bool = False
+) -> Any:
+    """Quantize, let the quantizer fit the result to the cap if it can (``Fitting``: ``fit(obj, measure)``, e.g.
+    selective pruning, with ``measure`` = code + compressed bytes), then compress the quantized object."""
+    obj, stats = quantizer.quantize(weights, roles)
+    if isinstance(quantizer, Fitting):
+        obj = quantizer.fit(obj, lambda candidate: bytes_code + len(compressor.compress(candidate)))
+    artifact = Artifact(compressor.compress(obj), len(serialize(obj)), stats, bytes_code)
     return (artifact, obj) if return_object else artifact
 
 
 def load_artifact(blob: bytes, quantizer: Any, compressor: Any) -> dict[str, torch.Tensor]:
-    return quantizer.dequantize(deserialize(compressor.decompress(blob)))
+    return quantizer.dequantize(compressor.decompress(blob))

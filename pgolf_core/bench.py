@@ -347,7 +347,7 @@ def measure(stack: Any, registry: Any, steps: int, warmup_steps: int, peak_tflop
         lines.append(msg)
 
     try:
-        data_files = load_data(stack, runtime.device)
+        data_files = load_data(stack, runtime.device, registry)
         trainer = Trainer(stack, registry, runtime, data_files, log, lambda **kw: None)
         runtime.sync()  # the peak is not reset: like the reference's, it covers the whole process
         t = time.perf_counter()

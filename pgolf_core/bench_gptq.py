@@ -25,7 +25,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_gptq_bench(stack: Any, registry: Any, *, device: str, seqs: int | None, seq_len: int | None, modes: list[str], quantize: bool) -> dict:
-    from plugins.quantizer.gptq import GPTQ, ar_generate, collect_hessians, decode_mismatch
+    from pgolf.plugins.quantizer.gptq import GPTQ, ar_generate, collect_hessians, decode_mismatch
 
     from .model.gpt import build_model
     from .model.layers import cast_for_device

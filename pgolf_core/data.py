@@ -1,9 +1,7 @@
-"""Challenge-format token shards: validated reading, the deterministic training stream, the val split.
+"""Challenge-format token shards: validated reading and the validation split.
 
 A shard is a 256 × int32 header (magic 20240520, version 1, token count) followed by that many uint16
-tokens. Training reads shards in sorted order and wraps around forever; each step takes one contiguous
-chunk and gives every rank a disjoint span of it, exactly as the reference ``train_gpt.py`` does, so the
-same seed sees the same tokens in the same order.
+tokens. How training reads them is the ``loader`` slot's (``sequential``: the reference's stream).
 """
 
 from __future__ import annotations
@@ -69,70 +67,6 @@ def shard_files(directory: str | Path, pattern: str, what: str) -> list[Path]:
     if not files:
         raise DataError(f"data.path {directory}: no {what} shards matching {pattern}")
     return files
-
-
-class TokenStream:
-    """Reads shards in order, wrapping around forever (no sampling, no workers)."""
-
-    def __init__(self, files: list[Path], vocab_size: int | None = None) -> None:
-        self.files = files
-        self.vocab_size = vocab_size
-        self.file_idx = 0
-        self.tokens = load_shard(files[0], vocab_size)
-        self.pos = 0
-
-    def _advance_file(self) -> None:
-        self.file_idx = (self.file_idx + 1) % len(self.files)
-        self.tokens = load_shard(self.files[self.file_idx], self.vocab_size)
-        self.pos = 0
-
-    def take(self, n: int) -> Tensor:
-        chunks: list[Tensor] = []
-        remaining = n
-        while remaining > 0:
-            avail = self.tokens.numel() - self.pos
-            if avail <= 0:
-                self._advance_file()
-                continue
-            k = min(remaining, avail)
-            chunks.append(self.tokens[self.pos : self.pos + k])
-            self.pos += k
-            remaining -= k
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"file_idx": self.file_idx, "pos": self.pos}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.file_idx = state["file_idx"]
-        self.tokens = load_shard(self.files[self.file_idx], self.vocab_size)
-        self.pos = state["pos"]
-
-
-class DistributedTokenLoader:
-    """Each call takes one chunk of ``world_size × (local_tokens + 1)`` tokens; rank r gets span r."""
-
-    def __init__(self, files: list[Path], rank: int, world_size: int, device: torch.device, vocab_size: int | None = None) -> None:
-        self.rank = rank
-        self.world_size = world_size
-        self.device = device
-        self.stream = TokenStream(files, vocab_size)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.stream.load_state_dict(state)
-
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[Tensor, Tensor]:
-        local_tokens = global_tokens // (self.world_size * grad_accum_steps)
-        per_rank_span = local_tokens + 1
-        chunk = self.stream.take(per_rank_span * self.world_size)
-        start = self.rank * per_rank_span
-        local = chunk[start : start + per_rank_span].to(dtype=torch.int64)
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def load_validation_tokens(files: list[Path], seq_len: int, vocab_size: int | None = None) -> Tensor:

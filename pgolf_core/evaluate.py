@@ -1,8 +1,7 @@
 """Validation loss and val_bpb exactly as the challenge computes them.
 
-val_bpb = (mean token NLL / ln 2) × (tokens / bytes), where a target token's bytes are its SentencePiece
-piece length in UTF-8, plus one for a leading-space marker unless the previous token is a boundary
-(control/unknown/unused) token. Sequences of ``train_seq_len`` are split contiguously across ranks.
+val_bpb = (mean token NLL / ln 2) × (tokens / bytes); how many bytes each target token stands for is the
+``tokenizer`` slot's (``ByteCounts``). Sequences of ``train_seq_len`` are split contiguously across ranks.
 """
 
 from __future__ import annotations
@@ -16,15 +15,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .contracts import ByteCounts
 from .errors import ConfigError
 
 
 @attrs.define
 class ValData:
+    """The validation stream and its byte accounting (from the tokenizer slot)."""
+
     tokens: Tensor
-    base_bytes: Tensor
-    has_leading_space: Tensor
-    is_boundary: Tensor
+    bytes: ByteCounts
+
+    def target_bytes(self, prev_ids: Tensor, tgt_ids: Tensor, first_pos: int) -> Tensor:
+        """Bytes of each target in ``tgt_ids`` (contiguous validation positions from ``first_pos``)."""
+        return self.bytes.count(prev_ids, tgt_ids, first_pos)
 
 
 @attrs.define
@@ -41,12 +45,6 @@ class EvalEnv:
     autocast: Any = contextlib.nullcontext
     base_model: Any = None  # the uncompiled, unwrapped model (for logits-level evaluators)
     compile: bool = False
-
-
-def token_bytes(prev_ids: Tensor, tgt_ids: Tensor, val: ValData) -> Tensor:
-    nbytes = val.base_bytes[tgt_ids].to(dtype=torch.int16)
-    nbytes += (val.has_leading_space[tgt_ids] & ~val.is_boundary[prev_ids]).to(dtype=torch.int16)
-    return nbytes
 
 
 def eval_val(model: nn.Module, env: EvalEnv) -> tuple[float, float]:
@@ -80,7 +78,7 @@ def eval_val(model: nn.Module, env: EvalEnv) -> tuple[float, float]:
             n = float(y.numel())
             loss_sum += batch_loss.to(torch.float64) * n
             token_count += n
-            byte_count += token_bytes(x.reshape(-1), y.reshape(-1), env.val).to(torch.float64).sum()
+            byte_count += env.val.target_bytes(x.reshape(-1), y.reshape(-1), batch_start * seq_len + 1).to(torch.float64).sum()
     if dist.is_available() and dist.is_initialized():
         for t in (loss_sum, token_count, byte_count):
             dist.all_reduce(t, op=dist.ReduceOp.SUM)

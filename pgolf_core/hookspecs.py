@@ -13,17 +13,22 @@ When each slot's ``build`` runs and what it must return (``SLOTS`` below holds t
 data for ``pgolf list``)::
 
     stack   = resolve(toml, --set, --legacy-env)
-    spec    = ModelSpec from the slots; modifiers transform it in stack-file order
+    tok     = build_tokenizer(stack); tok.load(path)      # val_bpb's byte accounting (tokenizer slot)
+    spec    = ModelSpec from the slots; modifiers transform it in stack-file order:
+              install modules at host sites, replace host parts, claim options, add model-level modules
     model   = GPT(
-        embedding = build_embedding(spec)                 # ids -> x            (embedding slot)
-        topology  = build_topology(spec)                  # drives the blocks   (topology slot)
-        blocks    = [build_residual(spec, i,              # one block per layer (residual slot)
-                        attn=build_attention(spec, i),    #   x -> y            (attention slot)
-                        mlp=build_mlp(spec, i))           #   x -> y            (mlp slot)
+        embedding = build_embedding(spec)                 # ids -> x            (embedding slot; sites lookup, x0)
+        topology  = build_topology(spec)                  # drives the blocks   (topology slot; parts schedule, decoder)
+        blocks    = [build_residual(spec, i,              # one block per layer (residual slot; sites, part wiring)
+                        attn=build_attention(spec, i),    #   x -> y            (attention slot; sites, part rotary)
+                        mlp=build_mlp(spec, i))           #   x -> y            (mlp slot; site hidden)
                      for i in layers],
-        head      = build_head(spec))                     # x, targets -> loss  (head slot)
+        head      = build_head(spec),                     # x -> logits         (head slot)
+        loss      = build_loss(spec))                     # logits -> loss      (loss slot)
     build_init(spec)(model)                               # weights' init       (init slot)
-    opt     = build_optimizer(stack)(model)               # param groups        (optimizer slot)
+    modifier.attach(model) for each modifier that has it
+    loader  = build_loader(stack)(files, rank, world)     # batches             (loader slot)
+    opt     = build_optimizer(stack)(model, runtime)      # param groups        (optimizer slot)
     sched   = build_schedule(stack)                       # lr multiplier       (schedule slot)
     avg     = build_averaging(stack)                      # export weights      (averaging slot)
     compiled = torch.compile(model, fullgraph=True)       # CUDA; nothing below calls into plugins per token
@@ -32,22 +37,26 @@ data for ``pgolf list``)::
     for step in range(iterations):                        # stops early at the wallclock cap
         [on_eval_start(state); evaluate; on_eval_end(state)]   every val_loss_every steps
         state.lr_scale = sched.lr_mul(step, elapsed_ms); on_step_start(state)   # late switches (QAT)
-        opt.zero_grad(); forward/backward over grad-accumulation micro-batches
+        opt.zero_grad(); forward/backward over grad-accumulation micro-batches (loader.next_batch)
         opt.before_step(step); opt.set_lr_scale(state.lr_scale)
         opt.step()
         after_optimizer_step(state)                       # averaging updates, late switches
         on_step_end(state)
     on_train_end(state)
     weights = avg.export_weights(model)                   # averaging slot
-    blob    = compressor.compress(serialize(quantizer.quantize(weights)))
+    quantizer.calibrate(ctx)                              # if it is Calibrating
+    obj     = quantizer.quantize(weights, roles); obj = quantizer.fit(obj, measure)   # if it is Fitting
+    blob    = compressor.compress(obj)                    # compressor slot (receives the structured object)
     size accounting (code + blob) against the cap; write artifact
-    model.load(quantizer.dequantize(deserialize(compressor.decompress(read(artifact)))))
-    evaluator.evaluate(model, env, quant, comp)           # evaluator slot -> final_* lines, submission.json
+    model.load(quantizer.dequantize(compressor.decompress(read(artifact))))
+    evaluator.evaluate(model, env, quant, comp)           # evaluator slot -> [FinalResult] -> final_* lines
 
 Loop events reach two audiences, always outside the compiled step: the *objects built for the stack*
 (in stack order: slots first, then modifiers) when they define ``on_train_start``,
 ``on_step_start``, ``after_optimizer_step``, ``on_step_end``, ``on_eval_start``, ``on_eval_end``, ``on_train_end``; and any
-installed plugin implementing the matching ``pgolf_on_*`` hook below (loggers, trackers).
+installed plugin implementing the matching ``pgolf_on_*`` hook below (loggers, trackers). A plugin may also
+add CLI commands (``pgolf_add_commands``). ``pgolf_core.contracts`` holds every slot's and capability's
+protocol; ``docs/hooks.md`` is the reference of hooks, slots, sites and parts in one place.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ from __future__ import annotations
 from typing import Any
 
 import pluggy
+
+from .contracts import SLOT_CONTRACTS, SlotContract
 
 PROJECT = "pgolf"
 HOOKSPEC_VERSION = 1
@@ -64,51 +75,20 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
-class SlotContract:
-    """What a slot's ``build(params, ctx, **kw)`` receives and returns."""
-
-    def __init__(self, name: str, signature: str, returns: str, required: bool = True) -> None:
-        self.name = name
-        self.signature = signature
-        self.returns = returns
-        self.required = required
-
-
-SLOTS: dict[str, SlotContract] = {
-    s.name: s
-    for s in (
-        SlotContract("embedding", "build(params, ctx)", "nn.Module: forward(input_ids) -> x; attribute tok_emb (nn.Embedding)"),
-        SlotContract("attention", "build(params, ctx, layer)", "nn.Module: forward(x[, aux]) -> y; aux holds per-forward model-level tensors"),
-        SlotContract("mlp", "build(params, ctx, layer)", "nn.Module: forward(x) -> y"),
-        SlotContract("residual", "build(params, ctx, layer, attn, mlp)", "nn.Module block: forward(x, x0, aux) -> x"),
-        SlotContract("topology", "build(params, ctx)", "nn.Module: forward(x, x0, blocks, aux) -> x (e.g. U-Net skips)"),
-        SlotContract("head", "build(params, ctx)", "nn.Module: forward(x, targets, tok_weight) -> mean loss; logits(x, tok_weight)"),
-        SlotContract("init", "build(params, ctx)", "callable(model) that initialises weights after construction"),
-        SlotContract("optimizer", "build(params, ctx)", "callable(model) -> OptimizerSet (param grouping, step, lr scale, clipping)"),
-        SlotContract("schedule", "build(params, ctx)", "object with lr_mul(step, elapsed_ms) -> float"),
-        SlotContract("averaging", "build(params, ctx)", "object with export_weights(model) -> state_dict; may hook loop events"),
-        SlotContract("quantizer", "build(params, ctx)", "object with quantize(state_dict) -> (obj, stats), dequantize(obj) -> state_dict, label"),
-        SlotContract("compressor", "build(params, ctx)", "object with compress(bytes) -> bytes, decompress(bytes) -> bytes, label"),
-        SlotContract(
-            "evaluator",
-            "build(params, ctx)",
-            "object with evaluate(model, eval_env, quant_label, comp_label) -> [(final line name, val_loss, val_bpb, eval_ms, note), ...] and compliant: bool",
-        ),
-        SlotContract(
-            "modifier",
-            "build(params, ctx)",
-            "object with transform(spec, layers, name): rewrites the ModelSpec before modules are built; "
-            "optional attach(model) after init; may hook loop events",
-            required=False,
-        ),
-    )
-}
+SLOTS: dict[str, SlotContract] = SLOT_CONTRACTS
+"""The slots and what each ``build`` returns (``pgolf_core.contracts`` holds the protocols)."""
 SINGLE_SLOTS = tuple(name for name in SLOTS if name != "modifier")
 
 
 @hookspec(historic=True)
 def pgolf_register_techniques(register: Any) -> None:
     """Register techniques: call ``register(Technique(...))`` once for each technique the plugin offers."""
+
+
+@hookspec
+def pgolf_add_commands(subparsers: Any, common: Any) -> None:
+    """Add ``pgolf`` subcommands: ``subparsers.add_parser(name, parents=[common], help=...)`` and
+    ``set_defaults(func=...)``; ``func(args)`` returns the exit code (``common`` carries --debug/--plugin)."""
 
 
 @hookspec

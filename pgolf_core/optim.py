@@ -14,6 +14,10 @@ from torch import nn
 
 
 class OptimizerSet:
+    syncs_gradients = False
+    """True when ``step`` averages the gradients across ranks itself (Parallel Muon); the model is then not
+    wrapped in DDP."""
+
     def __init__(self, optimizers: list[torch.optim.Optimizer], grad_clip_norm: float = 0.0) -> None:
         self.optimizers = optimizers
         self.grad_clip_norm = grad_clip_norm

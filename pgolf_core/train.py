@@ -28,19 +28,21 @@ from . import __version__
 from .artifact import build_artifact, code_bytes, load_artifact
 from .config.dump import stack_to_toml
 from .config.schema import Stack
-from .data import TRAIN_PATTERN, VAL_PATTERN, DistributedTokenLoader, load_shard, load_validation_tokens, read_shard_header, shard_files
+from .compliance import final_line_compliance, quantizer_compliance
+from .contracts import LOOP_EVENTS, Calibrating, FinalEvalAware, Stateful, loop_handlers
+from .data import TRAIN_PATTERN, VAL_PATTERN, load_shard, load_validation_tokens, read_shard_header, shard_files
 from .errors import BudgetError, DataError, NonFiniteError, PgolfError
 
 EVAL_BUDGET_SECONDS = 600.0  # the challenge's evaluation limit (8xH100); CPU runs report against it only for orientation
 from .evaluate import EvalEnv, ValData, eval_val
 from .model.gpt import build_model, count_parameters
 from .model.layers import cast_for_device
+from .model.roles import is_frozen, parameter_roles
 from .model.spec import BuildContext
 from .registry import Registry
 from .rundir import RunDir
 from .runtime import Runtime
 from .sample import build_sample, is_sample, tokenizer_path
-from .tokenizer import byte_luts, check_shards_match, load_tokenizer
 
 
 @attrs.define
@@ -82,10 +84,10 @@ class Interrupted(PgolfError):
 class Events:
     """Loop events, delivered in stack order to the built technique objects, then to pluggy observers."""
 
-    NAMES = ("on_train_start", "on_step_start", "after_optimizer_step", "on_step_end", "on_eval_start", "on_eval_end", "on_train_end")
+    NAMES = LOOP_EVENTS
 
     def __init__(self, objects: list[Any], registry: Registry) -> None:
-        self.handlers = {n: [getattr(o, n) for o in objects if callable(getattr(o, n, None))] for n in self.NAMES}
+        self.handlers = {n: loop_handlers(objects, n) for n in self.NAMES}
         self.hooks = registry.pm.hook
 
     def fire(self, name: str, state: TrainState) -> None:
@@ -127,20 +129,21 @@ class DataFiles:
     val: ValData
 
 
-def load_data(stack: Stack, device: torch.device) -> DataFiles:
+def load_data(stack: Stack, device: torch.device, registry: Registry) -> DataFiles:
     data_path, tok_path = resolve_data_paths(stack)
     vocab = stack.model.vocab_size
-    sp = load_tokenizer(tok_path, vocab)
+    tokenizer = build_slot(stack, registry, "tokenizer")
+    tokenizer.load(tok_path, vocab)
     train_files = shard_files(data_path, TRAIN_PATTERN, "training")
     for f in train_files:
         read_shard_header(f)
     load_shard(train_files[0], vocab)  # token ids of the shard training starts with (later ones: when reached)
     val_files = shard_files(data_path, VAL_PATTERN, "validation")
     # Like the references, the split is trimmed to whole sequences of the longest length evaluated.
-    eval_seq_len = getattr(stack.params("evaluator"), "eval_seq_len", 0) or 0
+    eval_seq_len = build_slot(stack, registry, "evaluator").eval_seq_len
     val_tokens = load_validation_tokens(val_files, max(stack.data.train_seq_len, eval_seq_len), vocab)
-    check_shards_match(val_tokens, vocab, data_path, tok_path)
-    return DataFiles(data_path, tok_path, train_files, ValData(val_tokens, *byte_luts(sp, vocab, device)))
+    tokenizer.check_shards(val_tokens, data_path)
+    return DataFiles(data_path, tok_path, train_files, ValData(val_tokens, tokenizer.byte_counts(val_tokens, device)))
 
 
 class Trainer:
@@ -163,12 +166,12 @@ class Trainer:
         cast_for_device(self.base_model, runtime.bf16)
         compiled = torch.compile(self.base_model, dynamic=False, fullgraph=True) if runtime.compile else self.base_model
         self.optimizers = build_slot(stack, registry, "optimizer")(self.base_model, runtime)
-        self.ddp = runtime.distributed and not getattr(self.optimizers, "syncs_gradients", False)
+        self.ddp = runtime.distributed and not self.optimizers.syncs_gradients
         if self.ddp:
             with warnings.catch_warnings():  # the reference's broadcast_buffers=False, kept for identical behaviour
                 warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
                 device_ids = [runtime.local_rank] if runtime.is_cuda else None
-                untrained = [n for n, p in self.base_model.named_parameters() if getattr(p, "_pgolf_untrained", False)]
+                untrained = [n for n, p in self.base_model.named_parameters() if is_frozen(p)]
                 if untrained:  # in no optimizer and possibly unused for a while: DDP must not wait for their gradients
                     DDP._set_params_and_buffers_to_ignore_for_model(compiled, [f"_orig_mod.{n}" if compiled is not self.base_model else n for n in untrained])
                 self.model: nn.Module = DDP(compiled, device_ids=device_ids, broadcast_buffers=False)
@@ -179,6 +182,7 @@ class Trainer:
         self.quantizer = build_slot(stack, registry, "quantizer")
         self.compressor = build_slot(stack, registry, "compressor")
         self.evaluator = build_slot(stack, registry, "evaluator")
+        self.loader_factory = build_slot(stack, registry, "loader")
         self.modifier_objects = modifier_objects
         self.eval_env = EvalEnv(
             data_files.val, data.train_seq_len, data.val_batch_size, runtime.grad_accum_steps, runtime.rank,
@@ -188,7 +192,7 @@ class Trainer:
         self.state = TrainState(stack, runtime, self.base_model, self.optimizers, log, iterations=args.iterations)
         objects = [self.schedule, self.averaging, self.quantizer, self.compressor, self.evaluator, *modifier_objects]
         self.events = Events(objects, registry)
-        self.stateful = [o for o in objects if callable(getattr(o, "state_dict", None))]
+        self.stateful = [o for o in objects if isinstance(o, Stateful)]
         self.n_params = count_parameters(self.base_model)
         self.loop = LoopState()
         self._resumed_objects: list[Any] | None = None
@@ -196,9 +200,9 @@ class Trainer:
         self.checkpoint_fn: Any = None  # called with the step after a step that is a multiple of checkpoint_every
         self.stop_requested: Any = lambda: False  # a signal asked us to stop after this step
 
-    def _new_loader(self) -> DistributedTokenLoader:
+    def _new_loader(self) -> Any:
         rt = self.runtime
-        return DistributedTokenLoader(self.data_files.train_files, rt.rank, rt.world_size, rt.device, self.stack.model.vocab_size)
+        return self.loader_factory(self.data_files.train_files, rt.rank, rt.world_size, rt.device, self.stack.model.vocab_size)
 
     # -- steps ------------------------------------------------------------------------------------------
     def forward_backward(self) -> torch.Tensor:
@@ -209,9 +213,9 @@ class Trainer:
         for micro_step in range(grad_accum):
             if self.ddp:
                 self.model.require_backward_grad_sync = micro_step == grad_accum - 1
-            x, y = self.loader.next_batch(data.train_batch_tokens, data.train_seq_len, grad_accum)
+            batch = self.loader.next_batch(data.train_batch_tokens, data.train_seq_len, grad_accum)
             with rt.autocast():
-                loss = self.model(x, y)
+                loss = self.model(batch.inputs, batch.targets, batch.aux) if batch.aux else self.model(batch.inputs, batch.targets)
             total += loss.detach()
             (loss * (1.0 / grad_accum)).backward()
         return total / grad_accum
@@ -329,7 +333,7 @@ class Trainer:
         log(f"model_params:{self.n_params}")
         log(f"world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps}")
         log(f"device:{rt.device.type} dtype:{'bf16' if rt.bf16 else 'fp32'} compile:{rt.compile}")
-        log(f"attention_mode:gqa num_heads:{m.num_heads} num_kv_heads:{m.num_kv_heads}")
+        log(f"attention_mode:{self.stack.technique('attention')} num_heads:{m.num_heads} num_kv_heads:{m.num_kv_heads}")
         log(
             f"train_batch_tokens:{data.train_batch_tokens} train_seq_len:{data.train_seq_len} "
             f"iterations:{args.iterations} warmup_steps:{args.warmup_steps} max_wallclock_seconds:{args.max_wallclock_seconds:.3f}"
@@ -425,7 +429,7 @@ class Trainer:
         self.prequant = (pre_loss, pre_bpb)
         if args.save_raw_model:
             rundir.write_bytes("final_model.pt", _serialize(weights))
-        if callable(getattr(quantizer, "calibrate", None)):
+        if isinstance(quantizer, Calibrating):
             t0 = time.perf_counter()
             quantizer.calibrate(self._calibration_context())
             rt.sync()
@@ -434,7 +438,8 @@ class Trainer:
             self.metric(kind="phase", name="calibration", time_ms=calib_ms)
         bytes_code = code_bytes(self.stack, self.registry, resolved_toml)
         t0 = time.perf_counter()
-        artifact, obj = build_artifact(weights, quantizer, compressor, bytes_code, return_object=True)
+        roles = parameter_roles(self.base_model)
+        artifact, obj = build_artifact(weights, roles, quantizer, compressor, bytes_code, return_object=True)
         self.metric(kind="phase", name="quantize_compress", time_ms=1000.0 * (time.perf_counter() - t0))
         label = f"{quantizer.label}+{compressor.label}"
         log(f"Serialized model {label}: {artifact.bytes_model} bytes (payload:{artifact.stats['payload_bytes']} raw_torch:{artifact.raw_bytes})")
@@ -464,18 +469,18 @@ class Trainer:
         except Exception as exc:
             raise DataError(f"{artifact_path}: the artifact does not load back into the model ({exc})") from None
         for module in self.base_model.modules():
-            if module is not self.base_model and callable(getattr(module, "prepare_final_eval", None)):
+            if module is not self.base_model and isinstance(module, FinalEvalAware):
                 module.prepare_final_eval()
         rt.sync()
         t0 = time.perf_counter()
         results = self.evaluator.evaluate(self.model, self.eval_env, quantizer.label, compressor.label)
         rt.sync()
         eval_total_ms = 1000.0 * (time.perf_counter() - t0)
-        for name, loss, bpb, eval_ms, note in results:
-            extra = f" {note}" if note else ""
-            log(f"{name} val_loss:{loss:.4f} val_bpb:{bpb:.4f}{extra} eval_time:{eval_ms:.0f}ms")
-            log(f"{name}_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-            self.metric(kind="final", name=name, val_loss=loss, val_bpb=bpb, eval_time_ms=eval_ms)
+        for r in results:
+            extra = f" {r.note}" if r.note else ""
+            log(f"{r.name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{r.eval_ms:.0f}ms")
+            log(f"{r.name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
+            self.metric(kind="final", name=r.name, val_loss=r.val_loss, val_bpb=r.val_bpb, eval_time_ms=r.eval_ms)
         budget_ms = EVAL_BUDGET_SECONDS * 1000.0
         verdict = "within" if eval_total_ms <= budget_ms else "OVER"
         log(f"eval_budget: final evaluation took {eval_total_ms:.0f}ms, {verdict} the {budget_ms:.0f}ms evaluation budget on this hardware")
@@ -495,7 +500,7 @@ class Trainer:
 
         return CalibrationContext(
             model=self.base_model, runtime=rt, seed=self.stack.run.seed, train_seq_len=data.train_seq_len,
-            vocab_size=self.stack.model.vocab_size, log=self.log, train_batches=train_batches,
+            vocab_size=self.stack.model.vocab_size, log=self.log, train_batches=train_batches, techniques=self.modifier_objects,
         )
 
 
@@ -558,11 +563,12 @@ def run_training(
         trainer.stop_requested = stop_requested
     steps, training_time_ms = trainer.train()
     artifact, results = trainer.export_and_evaluate(rundir, resolved_toml)
-    compliance = final_line_compliance(trainer.evaluator, [r[0] for r in results])
+    compliance = final_line_compliance(trainer.evaluator, [r.name for r in results])
     for name, check in compliance.items():
         rundir.log(f"compliance:{name} {'ok' if check.ok else 'NOT_COMPLIANT'} - {check.reason}")
-    compliant_results = [r for r in results if compliance[r[0]].ok]
-    final_name, final_loss, final_bpb = (compliant_results or results)[-1][:3]
+    compliant_results = [r for r in results if compliance[r.name].ok]
+    score = (compliant_results or results)[-1]
+    final_name, final_loss, final_bpb = score.name, score.val_loss, score.val_bpb
     if not compliant_results:
         rundir.log("compliance: no final score of this stack satisfies the challenge's rules; submission.json carries the last one")
     summary = {
@@ -576,7 +582,7 @@ def run_training(
         "bytes_model": artifact.bytes_model,
         "nonfinite_skips": trainer.nonfinite_skips,
         "bytes_total": artifact.bytes_total,
-        "final": {r[0]: {"val_loss": r[1], "val_bpb": r[2], "compliant": compliance[r[0]].ok, "compliance": compliance[r[0]].reason} for r in results},
+        "final": {r.name: {"val_loss": r.val_loss, "val_bpb": r.val_bpb, "compliant": compliance[r.name].ok, "compliance": compliance[r.name].reason} for r in results},
         "score_line": final_name,
         "prequant": {"val_loss": trainer.prequant[0], "val_bpb": trainer.prequant[1]},
         "eval_time_ms": trainer.eval_total_ms,
@@ -600,26 +606,6 @@ def run_training(
     )
     rundir.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def final_line_compliance(evaluator: Any, names: list[str]) -> dict[str, Any]:
-    """Each final line's rule check: the evaluator's ``compliance_for(name)`` when it has one, else its
-    ``compliant`` flag for every line."""
-    from .calibration import Compliance
-
-    out = {}
-    for name in names:
-        check = evaluator.compliance_for(name) if callable(getattr(evaluator, "compliance_for", None)) else None
-        if check is None:
-            ok = bool(getattr(evaluator, "compliant", True))
-            check = Compliance(name, ok, getattr(evaluator, "compliance_note", "") or ("frozen model, causal scoring" if ok else "not allowed"))
-        out[name] = check
-    return out
-
-
-def quantizer_compliance(quantizer: Any) -> list[Any]:
-    checks = getattr(quantizer, "compliance", None)
-    return list(checks) if checks else []
 
 
 def _serialize(weights: dict[str, torch.Tensor]) -> bytes:

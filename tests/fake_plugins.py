@@ -8,7 +8,7 @@ from torch import Tensor
 from pgolf_core.config.fields import param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
-from plugins.attention.gqa import CausalSelfAttention, GQAParams
+from pgolf.plugins.attention.gqa import CausalSelfAttention, GQAParams
 
 
 class ScaledAttention(CausalSelfAttention):

@@ -20,7 +20,7 @@ from pgolf.testing import (
 from pgolf_core.config.fields import param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
-from plugins.mlp.relu2 import Relu2MLP
+from pgolf.plugins.mlp.relu2 import Relu2MLP
 
 INSTALLED = installed_registry()
 

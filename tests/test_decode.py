@@ -8,7 +8,7 @@ import torch
 from conftest import STACKS, tiny_stack
 from pgolf_core.model.decode import DecodeCache, decode_logits, exact_positions, undecodable_modules
 from pgolf_core.model.gpt import build_model
-from plugins.quantizer.gptq import ar_generate, decode_mismatch
+from pgolf.plugins.quantizer.gptq import ar_generate, decode_mismatch
 
 PR1319_TINY = ["model.model_dim=64", "model.num_heads=4", "model.num_kv_heads=2", "model.num_layers=4",
                "modifier[2].rope_dims=8", "modifier[2].ntk_seq_len=8", "modifier[5].layers=[2, 3]"]
@@ -79,7 +79,7 @@ def test_decoding_keeps_one_cache_per_pass_of_a_recurrent_block(registry):
 
 
 def test_a_position_mixing_module_without_a_decode_path_turns_the_cache_off(registry):
-    from plugins.residual.canon import CanonLayer, CanonParams
+    from pgolf.plugins.residual.canon import CanonLayer, CanonParams
 
     _, plain = _model(registry)
     plain.blocks[0].add_module("conv_probe", CanonLayer(64, CanonParams()))

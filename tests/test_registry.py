@@ -13,14 +13,14 @@ from pgolf_core.errors import ConfigError
 from pgolf_core.hookspecs import SINGLE_SLOTS
 from pgolf_core.model.gpt import build_model
 from pgolf_core.registry import Registry, Technique
-from plugins.compressor.zlib import ZlibParams
+from pgolf.plugins.compressor.zlib import ZlibParams
 
 
 def test_builtins_come_from_entry_points_with_provenance(registry):
     for slot in SINGLE_SLOTS:
         assert registry.names(slot), f"no built-in technique for slot {slot}"
     reg = registry.get("optimizer", "muon")
-    assert reg.distribution == "pgolf" and reg.version and reg.module == "plugins.optimizer.muon"
+    assert reg.distribution == "pgolf" and reg.version and reg.module == "pgolf.plugins.optimizer.muon"
     eps = {ep.value for ep in md.entry_points(group="pgolf")}
     assert {r.module for r in registry.all()} <= eps
 

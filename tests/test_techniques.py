@@ -12,19 +12,19 @@ from torch import nn
 from pgolf_core.config.schema import ModelConfig
 from pgolf_core.evaluate import EvalEnv, ValData, eval_val
 from pgolf_core.model.spec import BuildContext
-from plugins.attention.gqa import CausalSelfAttention
-from plugins.averaging.final import FinalWeights
-from plugins.compressor.zlib import Zlib
-from plugins.compressor.zstd import Zstd
-from plugins.embedding.token import TokenEmbedding
-from plugins.head.softcap import SoftcapHead
-from plugins.init.baseline import BaselineInitParams, build as build_init
-from plugins.mlp.relu2 import Relu2MLP, Relu2Params, build as build_mlp
-from plugins.optimizer.muon import Muon, MuonParams, build as build_muon, zeropower_via_newtonschulz5
-from plugins.quantizer.int8_rowwise import Int8Rowwise, Int8RowwiseParams
-from plugins.residual.resid_mix import ResidMixBlock
-from plugins.schedule.linear_warmdown import LinearWarmdown, LinearWarmdownParams
-from plugins.topology.unet import UNetSkips
+from pgolf.plugins.attention.gqa import CausalSelfAttention
+from pgolf.plugins.averaging.final import FinalWeights
+from pgolf.plugins.compressor.zlib import Zlib
+from pgolf.plugins.compressor.zstd import Zstd
+from pgolf.plugins.embedding.token import TokenEmbedding
+from pgolf.plugins.head.softcap import SoftcapHead
+from pgolf.plugins.init.baseline import BaselineInitParams, build as build_init
+from pgolf.plugins.mlp.relu2 import Relu2MLP, Relu2Params, build as build_mlp
+from pgolf.plugins.optimizer.muon import Muon, MuonParams, build as build_muon, zeropower_via_newtonschulz5
+from pgolf.plugins.quantizer.int8_rowwise import Int8Rowwise, Int8RowwiseParams
+from pgolf.plugins.residual.resid_mix import ResidMixBlock
+from pgolf.plugins.schedule.linear_warmdown import LinearWarmdown, LinearWarmdownParams
+from pgolf.plugins.topology.unet import UNetSkips
 
 
 def ctx(**model):
@@ -143,7 +143,7 @@ def test_softcap_head_bounds_logits_and_uses_fp32_cross_entropy():
 
 def test_baseline_init_draws_the_embedding_and_zeroes_projections():
     from pgolf_core.config.load import load_stack  # noqa: F401  (keeps import order like the engine)
-    from plugins.embedding.token import TokenEmbedding as TE
+    from pgolf.plugins.embedding.token import TokenEmbedding as TE
 
     class M(nn.Module):
         def __init__(self):

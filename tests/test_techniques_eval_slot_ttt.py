@@ -14,14 +14,14 @@ from conftest import tiny_stack
 
 from pgolf_core.evaluate import EvalEnv, ValData
 from pgolf_core.model.gpt import build_model
-from plugins.evaluator.full_val import FullVal, FullValParams
-from plugins.evaluator.sliding_window import (
+from pgolf.plugins.evaluator.full_val import FullVal, FullValParams
+from pgolf.plugins.evaluator.sliding_window import (
     SlidingWindow,
     SlidingWindowParams,
     eval_sliding,
     matches_label,
 )
-from plugins.evaluator.slot import (
+from pgolf.plugins.evaluator.slot import (
     SCORED_REASON,
     Slot,
     SlotParams,
@@ -33,7 +33,7 @@ from plugins.evaluator.slot import (
     slot_logits,
     slot_lr,
 )
-from plugins.evaluator.ttt import (
+from pgolf.plugins.evaluator.ttt import (
     ScoreFirstTTT,
     ScoreFirstTTTParams,
     chunk_lr,

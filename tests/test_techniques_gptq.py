@@ -15,9 +15,9 @@ from pgolf.testing import check_technique_contract, installed_registry, tiny_sta
 from pgolf_core.calibration import CalibrationContext
 from pgolf_core.model.gpt import build_model
 from pgolf_core.runtime import Runtime
-from plugins.compressor.brotli import Brotli
-from plugins.compressor.lzma import Lzma
-from plugins.quantizer.gptq import (
+from pgolf.plugins.compressor.brotli import Brotli
+from pgolf.plugins.compressor.lzma import Lzma
+from pgolf.plugins.quantizer.gptq import (
     GPTQ,
     PERCENTILES,
     GPTQParams,
@@ -31,7 +31,7 @@ from plugins.quantizer.gptq import (
     percentile_search,
     prune_candidates,
 )
-from plugins.quantizer.int8_rowwise import Int8Rowwise, Int8RowwiseParams, quantize_rows
+from pgolf.plugins.quantizer.int8_rowwise import Int8Rowwise, Int8RowwiseParams, quantize_rows
 
 REGISTRY = installed_registry()
 
@@ -472,7 +472,7 @@ def test_calibrate_default_seq_len_and_seed_follow_the_run():
     logs = []
     quant = GPTQ(GPTQParams(calib_seqs=1, gen_batch=1))
     seen = {}
-    import plugins.quantizer.gptq as mod
+    import pgolf.plugins.quantizer.gptq as mod
 
     real = mod.ar_generate
 

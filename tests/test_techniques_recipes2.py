@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from conftest import STACKS, tiny_stack
 from pgolf_core.model.gpt import build_model
 from pgolf_core.model.layers import CastedLinear, deferred_init
-from plugins.averaging.ema import EMA, EMAParams
-from plugins.head.softcap import SoftcapHead
-from plugins.init.banked import BankedOrthogonalInit
-from plugins.mlp.relu2 import Relu2MLP
-from plugins.optimizer.muon import equilibrate_rows, zeropower_via_newtonschulz5
-from plugins.optimizer.parallel_muon import BankedMuon, group_banks, zeropower_batched
-from plugins.residual.parallel import ParallelResidual, _from_start_layer
-from plugins.schedule.linear_warmdown import LinearWarmdown, LinearWarmdownParams
-from plugins.topology.recurrence import Recurrence, RecurrenceParams
+from pgolf.plugins.averaging.ema import EMA, EMAParams
+from pgolf.plugins.head.softcap import SoftcapHead
+from pgolf.plugins.init.banked import BankedOrthogonalInit
+from pgolf.plugins.mlp.relu2 import Relu2MLP
+from pgolf.plugins.optimizer.muon import equilibrate_rows, zeropower_via_newtonschulz5
+from pgolf.plugins.optimizer.parallel_muon import BankedMuon, group_banks, zeropower_batched
+from pgolf.plugins.residual.parallel import ParallelResidual, _from_start_layer
+from pgolf.plugins.schedule.linear_warmdown import LinearWarmdown, LinearWarmdownParams
+from pgolf.plugins.topology.recurrence import Recurrence, RecurrenceParams
 
 
 def _tiny(registry, stack: str, *extra: str):
@@ -178,7 +178,7 @@ def test_recurrence_repeats_encoder_layer_after_its_skip_and_switches_at_start(r
 
 
 def test_parallel_block_reads_the_same_input_for_both_branches():
-    from plugins.residual.resid_mix import ResidMixBlock
+    from pgolf.plugins.residual.resid_mix import ResidMixBlock
 
     torch.manual_seed(0)
     attn = torch.nn.Linear(8, 8, bias=False)

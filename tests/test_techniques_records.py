@@ -11,17 +11,17 @@ from torch import nn
 from conftest import STACKS, tiny_stack
 from pgolf_core.model.gpt import build_model
 from pgolf_core.model.layers import CastedLinear, Rotary, apply_rotary_emb
-from plugins.attention.gqa import exclusive_self_attention
-from plugins.averaging.ema import EMA, EMAParams
-from plugins.averaging.swa import SWA, TightSWAParams
-from plugins.embedding.bigram_hash import BigramHashEmbedding
-from plugins.embedding.smeargate import SmearGate
-from plugins.evaluator.sliding_window import window_starts
-from plugins.quantizer.int6_absmax import Int6Absmax, Int6AbsmaxParams, classify
-from plugins.quantizer.int6_percentile import Int6Percentile, Int6PercentileParams
-from plugins.quantizer.late_qat import LateQAT, LateQATParams
-from plugins.residual.canon import CanonLayer, CanonParams
-from plugins.optimizer.muon import Muon
+from pgolf.plugins.attention.gqa import exclusive_self_attention
+from pgolf.plugins.averaging.ema import EMA, EMAParams
+from pgolf.plugins.averaging.swa import SWA, TightSWAParams
+from pgolf.plugins.embedding.bigram_hash import BigramHashEmbedding
+from pgolf.plugins.embedding.smeargate import SmearGate
+from pgolf.plugins.evaluator.sliding_window import window_starts
+from pgolf.plugins.quantizer.int6_absmax import Int6Absmax, Int6AbsmaxParams, classify
+from pgolf.plugins.quantizer.int6_percentile import Int6Percentile, Int6PercentileParams
+from pgolf.plugins.quantizer.late_qat import LateQAT, LateQATParams
+from pgolf.plugins.residual.canon import CanonLayer, CanonParams
+from pgolf.plugins.optimizer.muon import Muon
 
 
 class State:
@@ -213,7 +213,7 @@ def test_sliding_window_starts_and_scored_spans():
 
 def test_sliding_window_equals_full_eval_when_stride_is_the_window(registry):
     from pgolf_core.evaluate import EvalEnv, ValData, eval_val
-    from plugins.evaluator.sliding_window import eval_sliding
+    from pgolf.plugins.evaluator.sliding_window import eval_sliding
 
     torch.manual_seed(0)
     stack = tiny_stack(registry)

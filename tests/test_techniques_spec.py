@@ -16,14 +16,14 @@ from pgolf_core.errors import ConfigError
 from pgolf_core.evaluate import EvalEnv, ValData, eval_val
 from pgolf_core.model.gpt import build_model
 from pgolf_core.model.spec import spec_from_stack
-from plugins.attention.partial_rope import PartialRope, PartialRopeParams
-from plugins.attention.value_embedding import ValueEmbedding
-from plugins.attention.xsa import XSA, XSAParams
-from plugins.evaluator.full_val import FullVal, FullValParams
-from plugins.init.orthogonal import OrthogonalInitParams, build as build_orthogonal
-from plugins.residual.catalytic import Catalytic
-from plugins.residual.ln_scale import LnScale
-from plugins.residual.resid_mix import ResidMixBlock
+from pgolf.plugins.attention.partial_rope import PartialRope, PartialRopeParams
+from pgolf.plugins.attention.value_embedding import ValueEmbedding
+from pgolf.plugins.attention.xsa import XSA, XSAParams
+from pgolf.plugins.evaluator.full_val import FullVal, FullValParams
+from pgolf.plugins.init.orthogonal import OrthogonalInitParams, build as build_orthogonal
+from pgolf.plugins.residual.catalytic import Catalytic
+from pgolf.plugins.residual.ln_scale import LnScale
+from pgolf.plugins.residual.resid_mix import ResidMixBlock
 
 
 @pytest.fixture

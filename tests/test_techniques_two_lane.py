@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import STACKS, tiny_stack
 from pgolf_core.errors import ConfigError
 from pgolf_core.model.gpt import build_model
-from plugins.residual.resid_mix import ResidMixBlock
-from plugins.residual.two_lane import _from_start_layer
+from pgolf.plugins.residual.resid_mix import ResidMixBlock
+from pgolf.plugins.residual.two_lane import _from_start_layer
 
 
 def _random_(module: torch.nn.Module, seed: int = 0) -> None:
@@ -118,8 +118,8 @@ def test_lane_parameters_train_with_scalar_adam(registry):
 
 def test_two_lane_selection_errors_name_the_layers(registry):
     from pgolf_core.model.spec import spec_from_stack
-    from plugins.residual.parallel import ParallelResidual
-    from plugins.residual.two_lane import TwoLaneParallel, TwoLaneParams
+    from pgolf.plugins.residual.parallel import ParallelResidual
+    from pgolf.plugins.residual.two_lane import TwoLaneParallel, TwoLaneParams
 
     with pytest.raises(ConfigError, match=r"layers \[2\] are in the encoder \(layers 0-2\).*select decoder layers \(3:\)"):
         build_model(_two_lane_stack(registry, 'modifier[6].layers="2:"'), registry)

@@ -22,7 +22,7 @@ from pgolf_core.config.requires import parse_requirement, release, satisfies
 from pgolf_core.errors import ConfigError
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import PluginFailure, Technique
-from plugins.compressor.zlib import Zlib
+from pgolf.plugins.compressor.zlib import Zlib
 
 
 @attrs.define(frozen=True, kw_only=True)

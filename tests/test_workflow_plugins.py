@@ -19,7 +19,7 @@ import attrs
 from pgolf_core.config.fields import param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
-from plugins.compressor.zlib import Zlib
+from pgolf.plugins.compressor.zlib import Zlib
 
 
 @attrs.define(frozen=True, kw_only=True)

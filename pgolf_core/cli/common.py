@@ -50,10 +50,12 @@ def load_stack_and_registry(args: argparse.Namespace):
 
 def check_buildable(stack, registry):
     """Build what a run builds from the stack alone (the model on the meta device, the schedule, averaging,
-    quantizer, compressor and evaluator objects), so settings a technique rejects fail as one line before
-    anything starts. Returns the model and the built slot objects."""
+    quantizer, compressor, evaluator, tokenizer and loader objects), so settings a technique rejects, or an
+    object that does not meet its slot's contract, fail as one line before anything starts. Returns the model
+    and the built slot objects."""
     import torch
 
+    from ..contracts import SLOT_CONTRACTS
     from ..model.gpt import build_model
     from ..train import build_slot, technique_table
 
@@ -65,13 +67,19 @@ def check_buildable(stack, registry):
     except Exception as exc:
         raise ConfigError(f"{stack.path}: the model does not build: {_first_line(exc)} (techniques: {technique_table(stack)})") from None
     built = {}
-    for slot in ("schedule", "averaging", "quantizer", "compressor", "evaluator"):
+    for slot in ("schedule", "averaging", "quantizer", "compressor", "evaluator", "tokenizer", "loader"):
         try:
             built[slot] = build_slot(stack, registry, slot)
         except PgolfError:
             raise
         except Exception as exc:
             raise ConfigError(f"{stack.path}: {slot}({stack.technique(slot)}): {_first_line(exc)}") from None
+        contract = SLOT_CONTRACTS[slot]
+        if not contract.accepts(built[slot]):
+            raise ConfigError(
+                f"{stack.path}: {slot}({stack.technique(slot)}) built a {type(built[slot]).__name__}, which does not meet the "
+                f"{slot} contract ({contract.returns}); see pgolf_core/contracts.py"
+            )
     return model, built
 
 

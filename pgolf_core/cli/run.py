@@ -174,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     runtime = setup_runtime(stack)
     try:
-        data_files = load_data(stack, runtime.device)  # bad data fails here, before anything is written
+        data_files = load_data(stack, runtime.device, registry)  # bad data fails here, before anything is written
         run_id = broadcast_str(_run_id(stack), runtime)
         resume = bool(args.resume)
         if under_torchrun and _restart_count() > 0:  # torchrun --max-restarts: continue the failed attempt's run

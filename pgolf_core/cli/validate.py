@@ -29,20 +29,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def compliance_lines(stack, built: dict) -> list[str]:
     """What validate says about the challenge's rules: each final line the evaluator will report, and the
-    quantizer's calibration source. Evaluators without ``reported_lines`` get one line from their flag."""
-    from ..train import final_line_compliance, quantizer_compliance
+    quantizer's calibration source."""
+    from ..compliance import final_line_compliance, quantizer_compliance
 
-    evaluator, quantizer, compressor = built.get("evaluator"), built.get("quantizer"), built.get("compressor")
-    out = []
-    names = None
-    if callable(getattr(evaluator, "reported_lines", None)):
-        names = evaluator.reported_lines(getattr(quantizer, "label", "q"), getattr(compressor, "label", "c"))
-    if names:
-        for name, check in final_line_compliance(evaluator, names).items():
-            out.append(f"  {name} {'ok' if check.ok else 'NOT_COMPLIANT'} - {check.reason}")
-    elif evaluator is not None:
-        ok = bool(getattr(evaluator, "compliant", True))
-        out.append(f"  evaluator({stack.technique('evaluator')}) {'ok' if ok else 'NOT_COMPLIANT'} - {getattr(evaluator, 'compliance_note', '') or '(no note)'}")
+    evaluator, quantizer, compressor = built["evaluator"], built["quantizer"], built["compressor"]
+    names = evaluator.reported_lines(quantizer.label, compressor.label)
+    out = [f"  {name} {'ok' if check.ok else 'NOT_COMPLIANT'} - {check.reason}" for name, check in final_line_compliance(evaluator, names).items()]
     for check in quantizer_compliance(quantizer):
         out.append(f"  {check.what} {'ok' if check.ok else 'NOT_COMPLIANT'} - {check.reason}")
     return out

@@ -1,1 +1,1 @@
-"""Model assembly: the slot spec, shared layers, and the GPT container built from plugins."""
+"""Model assembly: the slot spec, shared layers, and the GPT container built from pgolf.plugins."""

@@ -7,25 +7,27 @@ The result is plain ``nn.Module``s; no plugin code is dispatched while it runs, 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..config.checks import parse_layers
 from ..config.schema import Stack
+from ..contracts import Attaching, AuxProvider, Initializer, SequentialView
 from ..errors import ConfigError
 from ..registry import Registry
 from .layers import RMSNorm, deferred_init
+from .sites import ModifierName
 from .spec import BuildContext, Component, ModelSpec, spec_from_stack
 
 
 class GPT(nn.Module):
-    """Embedding → topology over blocks → final RMSNorm → head (loss). Every part comes from a slot.
+    """Embedding → topology over blocks → final RMSNorm → head (logits) → loss. Every part comes from a slot.
 
     Model-level modules that modifiers add (e.g. shared value embeddings) sit after the blocks, as in the
-    references; those with an ``aux(input_ids)`` method contribute per-forward tensors (``aux``) that the
-    topology hands to every block and the block to its attention.
+    references; those that provide ``aux(input_ids)`` contribute per-forward tensors (``aux``) that the
+    topology hands to every block and the block to its attention, beside any the batch brings (``aux=``).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class GPT(nn.Module):
         topology: nn.Module,
         blocks: list[nn.Module],
         head: nn.Module,
+        loss: nn.Module,
         root_modules: list[tuple[str, nn.Module]] = (),
     ) -> None:
         super().__init__()
@@ -43,49 +46,30 @@ class GPT(nn.Module):
         self.aux_providers: list[str] = []
         for name, module in root_modules:
             self.add_module(name, module)
-            if callable(getattr(module, "aux", None)):
+            if isinstance(module, AuxProvider):
                 self.aux_providers.append(name)
         self.final_norm = RMSNorm()
         self.head = head
+        self.loss = loss
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
+    def hidden(self, input_ids: Tensor, aux: Mapping[str, Tensor] | None = None) -> Tensor:
         x = self.embedding(input_ids)
-        aux: dict[str, Tensor] = {}
+        merged: dict[str, Tensor] = dict(aux) if aux else {}
         for name in self.aux_providers:
-            aux.update(getattr(self, name).aux(input_ids))
-        x = self.topology(x, x, self.blocks, aux)
+            merged.update(getattr(self, name).aux(input_ids))
+        x = self.topology(x, x, self.blocks, merged)
         return self.final_norm(x)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        return self.head(self.hidden(input_ids), target_ids, self.embedding.tok_emb.weight)
+    def forward(self, input_ids: Tensor, target_ids: Tensor, aux: Mapping[str, Tensor] | None = None) -> Tensor:
+        logits = self.head.logits(self.hidden(input_ids, aux), self.embedding.tok_emb.weight)
+        return self.loss(logits, target_ids.reshape(-1))
 
-    def logits(self, input_ids: Tensor) -> Tensor:
-        return self.head.logits(self.hidden(input_ids), self.embedding.tok_emb.weight)
+    def logits(self, input_ids: Tensor, aux: Mapping[str, Tensor] | None = None) -> Tensor:
+        return self.head.logits(self.hidden(input_ids, aux), self.embedding.tok_emb.weight)
 
     def last_logits(self, input_ids: Tensor) -> Tensor:
         """Logits of the last position only, (B, V): what sampling reads, without the head over the prefix."""
         return self.head.logits(self.hidden(input_ids)[:, -1:], self.embedding.tok_emb.weight).reshape(input_ids.shape[0], -1)
-
-    @contextlib.contextmanager
-    def sequential_view(self) -> Iterator["GPT"]:
-        """Temporarily run every block once and sequentially: depth recurrence and parallel (GPT-J) blocks off.
-
-        PR #1392 collected its GPTQ Hessians on such a copy of its model; eager use only (a compiled graph
-        would recompile on these flags).
-        """
-        saved = [(m, m.recur_active) for m in self.modules() if hasattr(m, "recur_active")]
-        saved_par = [(m, m.parallel) for m in self.modules() if isinstance(getattr(m, "parallel", None), bool)]
-        try:
-            for m, _ in saved:
-                m.recur_active = False
-            for m, _ in saved_par:
-                m.parallel = False
-            yield self
-        finally:
-            for m, v in saved:
-                m.recur_active = v
-            for m, v in saved_par:
-                m.parallel = v
 
     # Parameter roles, for optimizer grouping -------------------------------------------------------------
     def token_embedding(self) -> nn.Parameter:
@@ -103,6 +87,18 @@ class GPT(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if id(p) not in skip]
 
 
+@contextlib.contextmanager
+def sequential_view(objects: list[Any]) -> Iterator[None]:
+    """Every block once, in order, for the duration: each technique that changes the data flow (depth
+    recurrence, parallel wirings) switches itself off through its ``sequential_view`` (PR #1392 collected its
+    GPTQ Hessians on such a copy of its model). Eager use only."""
+    with contextlib.ExitStack() as stack:
+        for obj in objects:
+            if isinstance(obj, SequentialView):
+                stack.enter_context(obj.sequential_view())
+        yield
+
+
 def apply_modifiers(spec: ModelSpec, stack: Stack, registry: Registry) -> list[Any]:
     """Run each modifier's ``transform`` in stack-file order; returns the modifier objects (loop events)."""
     objects = []
@@ -112,12 +108,13 @@ def apply_modifiers(spec: ModelSpec, stack: Stack, registry: Registry) -> list[A
         assert reg is not None
         layers = parse_layers(mod.layers, stack.model.num_layers)
         obj = reg.technique.build(mod.params, ctx)
+        name = ModifierName(index, mod.technique)
         try:
-            obj.transform(spec, layers, name=f"modifier[{index}]({mod.technique})")
+            obj.transform(spec, layers, name)
         except ConfigError:
             raise
         except Exception as exc:
-            raise ConfigError(f"{stack.path}: modifier[{index}]({mod.technique}): {exc}") from None
+            raise ConfigError(f"{stack.path}: {name}: {exc}") from None
         objects.append(obj)
     return objects
 
@@ -130,12 +127,11 @@ def _build(component: Component, base: BuildContext, where: str, layer: int | No
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"while building {where} ({component.technique.name}): {exc}") from None
-    unread = ctx.unread_options()
-    if unread:
-        by = ", ".join(sorted({component.claimed_by[k] for k in unread}))
-        raise ConfigError(
-            f"{where} uses '{component.technique.name}', which does not support option(s) {', '.join(unread)} set by {by}"
-        )
+    unsupported = ctx.unsupported()
+    if unsupported:
+        offered = sorted(getattr(type(built), "SITES", {})) + sorted(getattr(type(built), "PARTS", {}))
+        hint = f" (it offers: {', '.join(offered)})" if offered else ""
+        raise ConfigError(f"{where} uses '{component.technique.name}', which does not support {'; '.join(unsupported)}{hint}")
     return built
 
 
@@ -146,20 +142,23 @@ def build_model(stack: Stack, registry: Registry) -> tuple[GPT, list[Any]]:
     base = BuildContext(stack.model, stack.run, stack.data)
     embedding = _build(spec.embedding, base, "embedding")
     topology = _build(spec.topology, base, "topology")
-    init = _build(spec.init, base, "init")  # a closure: building it draws nothing
+    init = _build(spec.init, base, "init")  # an object: building it draws nothing
+    if not isinstance(init, Initializer):
+        raise ConfigError(f"init '{spec.init.technique.name}' built {type(init).__name__}, which is not an initializer (call with the model; attribute writes_block_weights)")
     blocks = []
-    with deferred_init(bool(getattr(init, "writes_block_weights", False))):
+    with deferred_init(init.writes_block_weights):
         for i, layer in enumerate(spec.layers):
             attn = _build(layer.attention, base, f"blocks.{i}.attention", i)
             mlp = _build(layer.mlp, base, f"blocks.{i}.mlp", i)
             blocks.append(_build(layer.residual, base, f"blocks.{i}", i, attn=attn, mlp=mlp))
     roots = [(name, factory()) for name, factory, _ in spec.root_modules]
     head = _build(spec.head, base, "head")
-    model = GPT(embedding, topology, blocks, head, roots)
+    loss = _build(spec.loss, base, "loss")
+    model = GPT(embedding, topology, blocks, head, loss, roots)
     with torch.no_grad():
         init(model)
     for obj in modifier_objects:
-        if callable(getattr(obj, "attach", None)):
+        if isinstance(obj, Attaching):
             obj.attach(model)
     return model, modifier_objects
 

@@ -1,4 +1,7 @@
-"""Small building blocks shared by techniques (kept identical to the reference scripts' math)."""
+"""Small building blocks of the official baseline ``train_gpt.py``, shared by techniques (same math).
+
+What a technique adds to them (partial RoPE, fake quantization, ...) lives in that technique's module.
+"""
 
 from __future__ import annotations
 
@@ -9,29 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONTROL_TENSOR_NAME_PATTERNS = (
-    "attn_scale",
-    "attn_scales",
-    "mlp_scale",
-    "mlp_scales",
-    "resid_mix",
-    "resid_mixes",
-    "q_gain",
-    "skip_weight",
-    "skip_weights",
-    "smear",
-    "bigram.scale",
-    "xsa_gate",
-    "ve_layer_scales",
-    "ve_shared.scale",
-)
-"""Name fragments of small control tensors: kept fp32, optimised by Adam, exported unquantized.
-
-The baseline's list plus ``smear`` (SmearGate, added with it in the #315 line of records)."""
-
-
-def is_control_tensor(name: str, patterns: tuple[str, ...] = CONTROL_TENSOR_NAME_PATTERNS) -> bool:
-    return any(p in name for p in patterns)
+from .roles import is_control
 
 
 class RMSNorm(nn.Module):
@@ -48,34 +29,27 @@ class RMSNorm(nn.Module):
 class CastedLinear(nn.Linear):
     """Linear layer whose fp32 weight is cast to the activation dtype at matmul time (bf16 compute on GPU).
 
-    Optionally carries straight-through fake quantization (``enable_fake_quant``): in training mode the
-    forward sees the row-wise abs-max quantized weight while gradients flow to the fp32 weight. Whether it
-    is active is a buffer (0 or 1), not a Python flag, so a compiled graph reads the switch at run time and
-    turning it on needs no recompile.
+    ``weight_transform`` is the layer's one site: a module another technique may set (after the model is
+    built, before it is compiled) that maps ``(fp32 weight, weight in the activation dtype)`` to the weight
+    the matmul uses; late QAT's straight-through fake quantization is one. ``None`` adds nothing.
     """
 
     _zero_init: bool = False
-    fake_quant_bits: int = 0
     _defer_init: bool = False  # set by ``deferred_init()``: construct without drawing from the RNG
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.weight_transform: nn.Module | None = None
 
     def reset_parameters(self) -> None:
         if CastedLinear._defer_init:
             return  # weights stay as allocated (torch.empty); the init slot writes every one of them
         super().reset_parameters()
 
-    def enable_fake_quant(self, bits: int) -> None:
-        self.fake_quant_bits = bits
-        self.register_buffer("fake_quant_on", torch.zeros((), dtype=torch.float32), persistent=False)
-
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight.to(x.dtype)
-        if self.fake_quant_bits and self.training:
-            qmax = 2 ** (self.fake_quant_bits - 1) - 1
-            with torch.no_grad():
-                w32 = self.weight.float()
-                scale = (w32.abs().amax(dim=1) / qmax).clamp_min(1.0 / qmax)
-                w_q = (torch.clamp(torch.round(w32 / scale[:, None]), -qmax - 1, qmax) * scale[:, None]).to(x.dtype)
-            w = w + self.fake_quant_on.to(x.dtype) * (w_q - w).detach()
+        if self.weight_transform is not None:
+            w = self.weight_transform(self.weight, w)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, bias)
 
@@ -103,26 +77,27 @@ def zero_init(linear: nn.Linear) -> nn.Linear:
 
 
 class Rotary(nn.Module):
-    """RoPE cos/sin tables, cached per sequence length (the cache check is a guard under torch.compile).
+    """The baseline's RoPE: cos/sin tables over the whole head dim, cached per sequence length (the cache
+    check is a guard under torch.compile).
 
-    ``rope_dims`` < head dim rotates only the first ``rope_dims`` dims (partial RoPE). ``ntk_seq_len`` > 0
-    rescales the base for sequences longer than it, ``base * (T / ntk_seq_len) ** (r / (r - 2))`` (NTK-aware
-    RoPE, as in the #315 line of records, where it is hard-coded to 1024).
+    The attention calls it as ``rotary(seq_len, device, dtype) -> (cos, sin)`` and ``rotary.apply(x, cos, sin)``;
+    a technique that replaces this part (partial RoPE) provides both, or overrides ``inv_freq_for``. ``decode_exact_limit``: the longest prefix a KV cache
+    reproduces exactly (None: any length; see ``pgolf_core.model.decode``).
     """
 
-    def __init__(self, dim: int, base: float = 10000.0, rope_dims: int = 0, ntk_seq_len: int = 0) -> None:
+    decode_exact_limit: int | None = None
+
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        self.rope_dims = rope_dims if rope_dims > 0 else dim
         self.base = base
-        self.ntk_seq_len = ntk_seq_len
-        # Past ntk_seq_len the tables depend on the whole length: a KV cache is exact only up to here.
-        self.decode_exact_limit = ntk_seq_len if ntk_seq_len > 0 else None
-        rd = self.rope_dims
-        inv_freq = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._seq_len_cached = 0
         self._cos_cached: Tensor | None = None
         self._sin_cached: Tensor | None = None
+
+    def inv_freq_for(self, seq_len: int, device: torch.device) -> Tensor:
+        return self.inv_freq.to(device)
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         if (
@@ -131,28 +106,28 @@ class Rotary(nn.Module):
             or self._seq_len_cached != seq_len
             or self._cos_cached.device != device
         ):
-            rd = self.rope_dims
-            if self.ntk_seq_len > 0 and seq_len > self.ntk_seq_len:
-                new_base = self.base * ((seq_len / self.ntk_seq_len) ** (rd / (rd - 2)))
-                inv_freq = 1.0 / (new_base ** (torch.arange(0, rd, 2, dtype=torch.float32, device=device) / rd))
+            if torch.is_inference_mode_enabled():
+                with torch.inference_mode(False):  # a table built while sampling must still serve training
+                    self._build(seq_len, device)
             else:
-                inv_freq = self.inv_freq.to(device)
-            # Positions take inv_freq's dtype, as the reference does (bf16 after the model-wide cast on GPU).
-            t = torch.arange(seq_len, device=device, dtype=inv_freq.dtype)
-            freqs = torch.outer(t, inv_freq)
-            self._cos_cached = freqs.cos()[None, None, :, :]
-            self._sin_cached = freqs.sin()[None, None, :, :]
-            self._seq_len_cached = seq_len
+                self._build(seq_len, device)
         return self._cos_cached.to(dtype=dtype), self._sin_cached.to(dtype=dtype)
+
+    def _build(self, seq_len: int, device: torch.device) -> None:
+        inv_freq = self.inv_freq_for(seq_len, device)
+        # Positions take inv_freq's dtype, as the reference does (bf16 after the model-wide cast on GPU).
+        t = torch.arange(seq_len, device=device, dtype=inv_freq.dtype)
+        freqs = torch.outer(t, inv_freq)
+        self._cos_cached = freqs.cos()[None, None, :, :]
+        self._sin_cached = freqs.sin()[None, None, :, :]
+        self._seq_len_cached = seq_len
+
+    @staticmethod
+    def apply(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return apply_rotary_emb(x, cos, sin)
 
 
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    rd = cos.size(-1) * 2
-    if rd < x.size(-1):
-        x_rope, x_pass = x[..., :rd], x[..., rd:]
-        half = rd // 2
-        x1, x2 = x_rope[..., :half], x_rope[..., half:]
-        return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos, x_pass), dim=-1)
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)
@@ -167,6 +142,6 @@ def cast_for_device(model: nn.Module, bf16: bool) -> None:
         if isinstance(module, CastedLinear):
             module.float()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if (p.ndim < 2 or is_control_tensor(name)) and p.dtype != torch.float32:
+        for p in model.parameters():
+            if (p.ndim < 2 or is_control(p)) and p.dtype != torch.float32:
                 p.data = p.data.float()

@@ -4,10 +4,15 @@ From the official baseline ``train_gpt.py`` (openai/parameter-golf): q, k, v pro
 ``num_kv_heads`` heads), RMSNorm on q and k, rotary embedding, ``q *= q_gain``, SDPA with causal mask and
 ``enable_gqa``, zero-initialised output projection.
 
-Options modifiers may set (see ``pgolf_core.model.spec``): ``rope`` = (rope_dims, ntk_seq_len) from
-``partial_rope``; ``xsa`` = XSA settings from ``xsa``; ``value_embed`` = the ``aux`` key of a tensor added
-to the value projection (from ``value_embedding``); ``canon_b`` = factory of a module applied to
-concat(q, k, v) right after the projections (from ``canon``).
+Sites (each module receives the previous one's output first; see ``pgolf_core.model.sites``):
+
+* ``qkv``: the projections' outputs before the heads split (value embeddings add to v, Canon B convolves);
+* ``heads_out``: each head's output before the heads merge, with the values it attended (XSA, output gates);
+* ``out``: the output projection's result.
+
+Part ``rotary``: the RoPE tables and rotation (partial RoPE replaces it). While a ``DecodeCache`` is set
+(``pgolf_core.model.decode``), the attention keeps pre-RoPE keys and values and attends from the new
+positions only: self-generated calibration samples with it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from torch import Tensor, nn
 
 from pgolf_core.config.fields import param, positive
 from pgolf_core.hookspecs import hookimpl
-from pgolf_core.model.layers import CastedLinear, Rotary, apply_rotary_emb, zero_init
+from pgolf_core.model.layers import CastedLinear, Rotary, zero_init
+from pgolf_core.model.roles import control
+from pgolf_core.model.sites import NO_SITES, SiteBuilder
 from pgolf_core.registry import Technique
 
 
@@ -29,62 +36,42 @@ class GQAParams:
     qk_gain_init: float = param(1.5, help="initial value of the per-head query gain", env="QK_GAIN_INIT")
 
 
-def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
-    """XSA: remove from each head's output its component along the token's own (unit) value vector.
-
-    ``y``: (B, H, T, D) attention output; ``v``: (B, Hkv, T, D). Query head h uses KV head h // (H/Hkv).
-    """
-    bsz, heads, seqlen, dim = y.shape
-    kv_heads = v.size(1)
-    y_g = y.reshape(bsz, kv_heads, heads // kv_heads, seqlen, dim)
-    vn = F.normalize(v, dim=-1).unsqueeze(2)
-    proj = (y_g * vn).sum(dim=-1, keepdim=True) * vn
-    return (y_g - proj).reshape(bsz, heads, seqlen, dim)
-
-
 class CausalSelfAttention(nn.Module):
+    SITES = {
+        "qkv": "((q (B,T,d), k (B,T,dkv), v (B,T,dkv)), x (B,T,d), aux) -> (q, k, v): the projections, before the heads split",
+        "heads_out": "(y (B,T,H,D), v (B,T,Hkv,D), x (B,T,d), aux) -> y: each head's output before the heads merge",
+        "out": "(y (B,T,d), x (B,T,d), aux) -> y: after the output projection",
+    }
+    PARTS = {"rotary": "nn.Module: (seq_len, device, dtype) -> (cos, sin); apply(x, cos, sin) -> x (default: the baseline's Rotary)"}
     mixes_positions = True
     decode_aware = True  # a KV cache of pre-RoPE keys (pgolf_core.model.decode)
     _decode = None
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        num_kv_heads: int,
-        rope_base: float,
-        qk_gain_init: float,
-        rope_dims: int = 0,
-        ntk_seq_len: int = 0,
-        xsa: bool = False,
-        xsa_gate_init: float | None = None,
-        value_embed_key: str | None = None,
-        canon_b=None,
+        self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float, sites: SiteBuilder = NO_SITES
     ) -> None:
         super().__init__()
-        self.value_embed_key = value_embed_key
+        self.dim = dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = dim // num_heads
-        kv_dim = num_kv_heads * self.head_dim
+        self.kv_dim = num_kv_heads * self.head_dim
+        self.rope_base = rope_base
         self.c_q = CastedLinear(dim, dim, bias=False)
-        self.c_k = CastedLinear(dim, kv_dim, bias=False)
-        self.c_v = CastedLinear(dim, kv_dim, bias=False)
+        self.c_k = CastedLinear(dim, self.kv_dim, bias=False)
+        self.c_v = CastedLinear(dim, self.kv_dim, bias=False)
         self.proj = zero_init(CastedLinear(dim, dim, bias=False))
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(self.head_dim, base=rope_base, rope_dims=rope_dims, ntk_seq_len=ntk_seq_len)
-        self.use_xsa = xsa
-        self.xsa_gate = nn.Parameter(torch.tensor(xsa_gate_init, dtype=torch.float32)) if xsa and xsa_gate_init is not None else None
-        self.canon_b = canon_b() if canon_b is not None else None
+        self.q_gain = control(nn.Parameter(torch.full((num_heads,), qk_gain_init, dtype=torch.float32)))
+        self.rotary = sites.part("rotary", self) or Rotary(self.head_dim, base=rope_base)
+        self.qkv = sites.site("qkv", self)
+        self.heads_out = sites.site("heads_out", self)
+        self.out = sites.site("out", self)
 
     def forward(self, x: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
         bsz, seqlen, dim = x.shape
         q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
-        if self.value_embed_key is not None and aux is not None:
-            v = v + aux[self.value_embed_key]
-        if self.canon_b is not None:
-            kv_dim = self.num_kv_heads * self.head_dim
-            q, k, v = self.canon_b(torch.cat([q, k, v], dim=-1)).split((dim, kv_dim, kv_dim), dim=-1)
+        if self.qkv is not None:
+            q, k, v = self.qkv((q, k, v), x, aux)
         q = q.reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -94,20 +81,19 @@ class CausalSelfAttention(nn.Module):
             y = self._attend_cached(q, k, v)
         else:
             cos, sin = self.rotary(seqlen, x.device, q.dtype)
-            q = apply_rotary_emb(q, cos, sin)
-            k = apply_rotary_emb(k, cos, sin)
+            q = self.rotary.apply(q, cos, sin)
+            k = self.rotary.apply(k, cos, sin)
             q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None, is_causal=True, enable_gqa=(self.num_kv_heads != self.num_heads)
             )
-        if self.use_xsa:
-            y_xsa = exclusive_self_attention(y, v)
-            if self.xsa_gate is not None:
-                y = y + torch.sigmoid(self.xsa_gate.to(dtype=y.dtype)) * (y_xsa - y)
-            else:
-                y = y_xsa
-        y = y.transpose(1, 2).contiguous().reshape(bsz, seqlen, dim)
-        return self.proj(y)
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if self.heads_out is not None:
+            y = self.heads_out(y, v.transpose(1, 2), x, aux)
+        y = self.proj(y.contiguous().reshape(bsz, seqlen, dim))
+        if self.out is not None:
+            y = self.out(y, x, aux)
+        return y
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Incremental decoding: append the new (pre-RoPE) keys and values, rotate every key with the tables of
@@ -119,8 +105,8 @@ class CausalSelfAttention(nn.Module):
         st["k"], st["v"] = k, v
         total, new = k.size(2), q.size(2)
         cos, sin = self.rotary(total, q.device, q.dtype)
-        q = apply_rotary_emb(q, cos[:, :, total - new :], sin[:, :, total - new :])
-        k = apply_rotary_emb(k, cos, sin)
+        q = self.rotary.apply(q, cos[:, :, total - new :], sin[:, :, total - new :])
+        k = self.rotary.apply(k, cos, sin)
         q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
         mask = None
         if new > 1:  # the new positions see the cache and, causally, each other
@@ -130,21 +116,7 @@ class CausalSelfAttention(nn.Module):
 
 def build(params: GQAParams, ctx) -> CausalSelfAttention:
     m = ctx.model
-    rope_dims, ntk_seq_len = ctx.option("rope", (0, 0))
-    xsa = ctx.option("xsa")
-    return CausalSelfAttention(
-        m.model_dim,
-        m.num_heads,
-        m.num_kv_heads,
-        params.rope_base,
-        params.qk_gain_init,
-        rope_dims=rope_dims,
-        ntk_seq_len=ntk_seq_len,
-        xsa=xsa is not None,
-        xsa_gate_init=xsa.gate_init if xsa is not None and xsa.learnable_gate else None,
-        value_embed_key=ctx.option("value_embed"),
-        canon_b=ctx.option("canon_b"),
-    )
+    return CausalSelfAttention(m.model_dim, m.num_heads, m.num_kv_heads, params.rope_base, params.qk_gain_init, ctx)
 
 
 @hookimpl

@@ -2,10 +2,12 @@
 projection of selected layers, each with its own learned scale.
 
 From PR #450 (``2026-03-22_12L_CatalyticResiduals_BigBigram``, layers 9 and 10 by default):
-``ve = scale * proj(embed(ids))`` computed once per forward; on layer j, ``v = c_v(x) + ve * s_j`` before
-the head split (so XSA sees it too). ``embed`` is N(0, 0.01²) (drawn after its default N(0, 1)), ``proj``
+``ve = scale * proj(embed(ids))`` computed once per forward (a model-level module whose ``aux`` hands
+``ve * s_j`` to the blocks); on layer j, the attention's ``qkv`` site adds it to v before the head split (so
+XSA sees it too). ``embed`` is N(0, 0.01²) (drawn after its default N(0, 1)), ``proj``
 zeroed (an orthogonal init slot re-initialises it, the reference's quirk), ``scale`` 0.1, ``s_j`` 1. The
-module is created after the blocks, as in the reference, so the RNG order matches.
+module is created after the blocks, as in the reference, so the RNG order matches. ``scale`` and the ``s_j``
+are control tensors (``ve_shared.scale``, ``ve_layer_scales`` in the references' name list).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 from pgolf_core.config.fields import param, positive
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.layers import CastedLinear
+from pgolf_core.model.roles import control
 from pgolf_core.registry import Technique
 
 
@@ -35,9 +38,9 @@ class ValueEmbedding(nn.Module):
         self.proj = CastedLinear(ve_dim, kv_dim, bias=False) if ve_dim != kv_dim else None
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
-        self.scale = nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
+        self.scale = control(nn.Parameter(torch.tensor(scale_init, dtype=torch.float32)))
         self.layers = list(layers)
-        self.ve_layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1, dtype=torch.float32)) for _ in layers])
+        self.ve_layer_scales = nn.ParameterList([control(nn.Parameter(torch.ones(1, dtype=torch.float32))) for _ in layers])
 
     def forward(self, token_ids: Tensor) -> Tensor:
         h = self.embed(token_ids)
@@ -48,6 +51,18 @@ class ValueEmbedding(nn.Module):
     def aux(self, token_ids: Tensor) -> dict[str, Tensor]:
         ve = self(token_ids)
         return {f"ve_{layer}": ve * self.ve_layer_scales[i].to(dtype=ve.dtype) for i, layer in enumerate(self.layers)}
+
+
+class AddValueEmbedding(nn.Module):
+    """At the attention's ``qkv`` site: ``v += aux[key]``, this layer's scaled value embedding."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    def forward(self, qkv: tuple[Tensor, Tensor, Tensor], x: Tensor, aux: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = qkv
+        return q, k, v + aux[self.key]
 
 
 class ValueEmbeddingModifier:
@@ -61,7 +76,7 @@ class ValueEmbeddingModifier:
         kv_dim = m.num_kv_heads * (m.model_dim // m.num_heads)
         p = self.params
         for i in layers:
-            spec.claim("attention", i, "value_embed", f"ve_{i}", by=name)
+            spec.install("attention", i, "qkv", lambda host, key=f"ve_{i}": AddValueEmbedding(key), by=name)
         spec.add_root_module(
             "ve_shared", lambda: ValueEmbedding(m.vocab_size, p.dim, kv_dim, layers, p.init_std, p.scale_init), by=name
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import attrs
 import brotli
 
+from pgolf_core.artifact import ByteCompressor
 from pgolf_core.config.fields import in_range, one_of, param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
@@ -24,16 +25,16 @@ class BrotliParams:
     mode: str = param("generic", help="brotli's input hint: 'generic', 'text' or 'font'", validator=one_of(*MODES))
 
 
-class Brotli:
+class Brotli(ByteCompressor):
     label = "brotli"
 
     def __init__(self, quality: int = 11, lgwin: int = 22, mode: str = "generic") -> None:
         self.quality, self.lgwin, self.mode = quality, lgwin, mode
 
-    def compress(self, data: bytes) -> bytes:
+    def compress_bytes(self, data: bytes) -> bytes:
         return brotli.compress(data, mode=MODES[self.mode], quality=self.quality, lgwin=self.lgwin)
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress_bytes(self, data: bytes) -> bytes:
         return brotli.decompress(data)
 
 

@@ -9,6 +9,7 @@ import lzma
 
 import attrs
 
+from pgolf_core.artifact import ByteCompressor
 from pgolf_core.config.fields import in_range, param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
@@ -20,16 +21,16 @@ class LzmaParams:
     extreme: bool = param(False, help="add the 'extreme' flag to the preset (slower; the references do not)")
 
 
-class Lzma:
+class Lzma(ByteCompressor):
     label = "lzma"
 
     def __init__(self, preset: int = 9, extreme: bool = False) -> None:
         self.preset = preset | (lzma.PRESET_EXTREME if extreme else 0)
 
-    def compress(self, data: bytes) -> bytes:
+    def compress_bytes(self, data: bytes) -> bytes:
         return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=self.preset)
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress_bytes(self, data: bytes) -> bytes:
         return lzma.decompress(data)
 
 

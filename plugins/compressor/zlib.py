@@ -6,6 +6,7 @@ import zlib
 
 import attrs
 
+from pgolf_core.artifact import ByteCompressor
 from pgolf_core.config.fields import in_range, param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
@@ -16,16 +17,16 @@ class ZlibParams:
     level: int = param(9, help="zlib compression level", validator=in_range(0, 9))
 
 
-class Zlib:
+class Zlib(ByteCompressor):
     label = "zlib"
 
     def __init__(self, level: int) -> None:
         self.level = level
 
-    def compress(self, data: bytes) -> bytes:
+    def compress_bytes(self, data: bytes) -> bytes:
         return zlib.compress(data, level=self.level)
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress_bytes(self, data: bytes) -> bytes:
         return zlib.decompress(data)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 import zstandard
 
+from pgolf_core.artifact import ByteCompressor
 from pgolf_core.config.fields import in_range, param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
@@ -19,16 +20,16 @@ class ZstdParams:
     level: int = param(22, help="zstd compression level", validator=in_range(1, 22))
 
 
-class Zstd:
+class Zstd(ByteCompressor):
     label = "zstd"
 
     def __init__(self, level: int) -> None:
         self.level = level
 
-    def compress(self, data: bytes) -> bytes:
+    def compress_bytes(self, data: bytes) -> bytes:
         return zstandard.ZstdCompressor(level=self.level).compress(data)
 
-    def decompress(self, data: bytes) -> bytes:
+    def decompress_bytes(self, data: bytes) -> bytes:
         return zstandard.ZstdDecompressor().decompress(data)
 
 

@@ -1,10 +1,11 @@
 """BigramHash embedding: a hashed (previous, current) token pair looks up a small table, projected to the
-model width and scaled, added to the token embedding before its RMSNorm.
+model width and scaled, added to the token embedding before its RMSNorm (the embedding's ``lookup`` site).
 
 From the #315 line of records (BigramHash 2048x128; PR #450 uses 10240 buckets). Bucket of position 0 is
 ``V-1``; otherwise ``(36313*t_i XOR 27191*t_{i-1}) mod (V-1)``. The table and the projection are created
 zeroed (after drawing their default inits from the RNG, as the reference does); an orthogonal init slot may
-later re-initialise the projection (the reference's ``bigram.proj`` quirk). ``scale`` starts at 0.05.
+later re-initialise the projection (the reference's ``bigram.proj`` quirk). ``scale`` starts at 0.05 and is a
+control tensor, as in the references' name list (``bigram.scale``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from pgolf_core.config.fields import non_negative, param, positive
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.layers import CastedLinear
+from pgolf_core.model.roles import control
 from pgolf_core.registry import Technique
 
 
@@ -39,7 +41,7 @@ class BigramHashEmbedding(nn.Module):
         self.proj = CastedLinear(bigram_dim, model_dim, bias=False) if bigram_dim != model_dim else None
         if self.proj is not None:
             nn.init.zeros_(self.proj.weight)
-        self.scale = nn.Parameter(torch.tensor(scale_init, dtype=torch.float32))
+        self.scale = control(nn.Parameter(torch.tensor(scale_init, dtype=torch.float32)))
 
     def bigram_hash(self, tokens: Tensor) -> Tensor:
         t = tokens.to(torch.int32)
@@ -49,7 +51,11 @@ class BigramHashEmbedding(nn.Module):
         out[..., 1:] = torch.bitwise_xor(36313 * t[..., 1:], 27191 * t[..., :-1]) % mod
         return out.long()
 
-    def forward(self, token_ids: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
+        """At the ``lookup`` site: the token embedding ``x`` plus this pair embedding."""
+        return x + self.embed_pairs(token_ids)
+
+    def embed_pairs(self, token_ids: Tensor) -> Tensor:
         if self._decode is not None:
             st = self._decode.state(self)
             prev = st.get("last")
@@ -75,8 +81,7 @@ class BigramHash:
             return  # the reference's BIGRAM_VOCAB_SIZE=0: no table
         if p.vocab_size < 2:
             raise ValueError("vocab_size must be 0 (off) or >= 2")
-        dim = spec.model.model_dim
-        spec.claim("embedding", None, "input_addend", ("bigram", lambda: BigramHashEmbedding(p.vocab_size, p.dim, dim, p.scale_init)), by=name)
+        spec.install("embedding", None, "lookup", lambda host: BigramHashEmbedding(p.vocab_size, p.dim, host.dim, p.scale_init), by=name)
 
 
 @hookimpl

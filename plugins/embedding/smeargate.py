@@ -1,7 +1,8 @@
 """SmearGate: blend each position with the previous one through a learned per-channel sigmoid gate.
 
 From the #315 line of records: ``out_t = (1 - g) x_t + g x_{t-1}``, ``g = sigmoid(gate)``, gate zero-init
-(g = 0.5), ``x_{-1} = 0``; applied once after the embedding RMSNorm. ``smear`` is a control-tensor name.
+(g = 0.5), ``x_{-1} = 0``; applied once after the embedding RMSNorm (the embedding's ``x0`` site). The gate
+is a control tensor (``smear`` in the references' name list).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from pgolf_core.hookspecs import hookimpl
+from pgolf_core.model.roles import control
 from pgolf_core.registry import Technique
 
 
@@ -26,9 +28,9 @@ class SmearGate(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim, dtype=torch.float32))
+        self.gate = control(nn.Parameter(torch.zeros(dim, dtype=torch.float32)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_ids: Tensor | None = None) -> Tensor:
         g = torch.sigmoid(self.gate.to(dtype=x.dtype))[None, None, :]
         first = torch.zeros_like(x[:, :1])
         if self._decode is not None:
@@ -41,8 +43,7 @@ class SmearGate(nn.Module):
 
 class SmearGateModifier:
     def transform(self, spec, layers, name) -> None:
-        dim = spec.model.model_dim
-        spec.claim("embedding", None, "post_norm", ("smear", lambda: SmearGate(dim)), by=name)
+        spec.install("embedding", None, "x0", lambda host: SmearGate(host.dim), by=name)
 
 
 @hookimpl

@@ -11,12 +11,12 @@ import time
 
 import attrs
 
-from pgolf_core.calibration import Compliance
+from pgolf_core.compliance import matches_label
+from pgolf_core.contracts import Compliance, FinalResult
 from pgolf_core.config.fields import param
 from pgolf_core.evaluate import eval_val
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
-from plugins.evaluator.sliding_window import matches_label
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -28,16 +28,16 @@ class FullValParams:
 
 
 class FullVal:
-    compliant = True
     compliance_note = "scores each validation token once, after training, with the frozen model"
 
-    def __init__(self, params: FullValParams) -> None:
+    def __init__(self, params: FullValParams, train_seq_len: int) -> None:
         self.label = params.label
+        self.eval_seq_len = train_seq_len  # non-overlapping windows of the training length
 
-    def evaluate(self, model, env, quant: str, comp: str) -> list[tuple[str, float, float, float, str]]:
+    def evaluate(self, model, env, quant: str, comp: str) -> list[FinalResult]:
         t0 = time.perf_counter()
         val_loss, val_bpb = eval_val(model, env)
-        return [(self.label.format(quant=quant, comp=comp), val_loss, val_bpb, 1000.0 * (time.perf_counter() - t0), "")]
+        return [FinalResult(self.label.format(quant=quant, comp=comp), val_loss, val_bpb, 1000.0 * (time.perf_counter() - t0))]
 
     def reported_lines(self, quant: str, comp: str) -> list[str]:
         """The final line names ``evaluate`` will log (``pgolf validate`` checks them against the rules)."""
@@ -51,7 +51,7 @@ class FullVal:
 
 
 def build(params: FullValParams, ctx) -> FullVal:
-    return FullVal(params)
+    return FullVal(params, ctx.data.train_seq_len)
 
 
 @hookimpl

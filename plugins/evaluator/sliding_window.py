@@ -17,7 +17,6 @@ split, batches, float64 totals) are shared by the evaluators built on these wind
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable
 
@@ -27,7 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from pgolf_core.calibration import Compliance
+from pgolf_core.compliance import matches_label
+from pgolf_core.contracts import Compliance, FinalResult
 from pgolf_core.config.fields import non_negative, param, positive
 from pgolf_core.evaluate import eval_val
 from pgolf_core.hookspecs import hookimpl
@@ -88,9 +88,7 @@ class ScoreTotals:
         self.loss_sum += scored.sum()
         self.token_count += float(wlen - s)
         tgt, prev = y_row[s:wlen], x_row[s:wlen]
-        nbytes = val.base_bytes[tgt].to(torch.float64)
-        nbytes += (val.has_leading_space[tgt] & ~val.is_boundary[prev]).to(torch.float64)
-        self.byte_count += nbytes.sum()
+        self.byte_count += val.target_bytes(prev, tgt, ws + s + 1).to(torch.float64).sum()
         if self.record is not None:
             self.record(ws, s, scored)
 
@@ -102,13 +100,6 @@ class ScoreTotals:
     def result(self) -> tuple[float, float]:
         val_loss = (self.loss_sum / self.token_count).item()
         return val_loss, val_loss / math.log(2.0) * (self.token_count.item() / self.byte_count.item())
-
-
-def matches_label(template: str, name: str) -> bool:
-    """Whether ``name`` (optionally with the log's ``_exact`` suffix) is ``template`` with its ``{quant}`` and
-    ``{comp}`` fields filled in."""
-    pattern = re.escape(template).replace(re.escape("{quant}"), r"\S+?").replace(re.escape("{comp}"), r"\S+?")
-    return any(re.fullmatch(pattern, n) for n in (name, name.removesuffix("_exact")))
 
 
 def eval_sliding(base_model, env, seq_len: int, stride: int, batch_seqs: int, record=None) -> tuple[float, float]:
@@ -146,9 +137,6 @@ SLIDING_COMPLIANCE = (
 
 
 class SlidingWindow:
-    compliant = True
-    compliance_note = "each validation token is scored by the frozen model from preceding tokens only"
-
     def __init__(self, params: SlidingWindowParams, train_seq_len: int) -> None:
         self.params = params
         self.eval_seq_len = params.eval_seq_len or train_seq_len
@@ -160,11 +148,11 @@ class SlidingWindow:
         results = []
         t0 = time.perf_counter()
         loss, bpb = eval_val(model, attrs.evolve(env, seq_len=self.eval_seq_len))
-        results.append((p.roundtrip_label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), ""))
+        results.append(FinalResult(p.roundtrip_label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0)))
         if p.stride < self.eval_seq_len:
             t0 = time.perf_counter()
             loss, bpb = eval_sliding(env.base_model, env, self.eval_seq_len, p.stride, p.batch_seqs)
-            results.append((p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), f"stride:{p.stride}"))
+            results.append(FinalResult(p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), f"stride:{p.stride}"))
         return results
 
     def reported_lines(self, quant: str, comp: str) -> list[str]:

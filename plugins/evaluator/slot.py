@@ -31,22 +31,22 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import attrs
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf_core.calibration import Compliance
+from pgolf_core.compliance import matches_label
+from pgolf_core.contracts import Compliance, FinalResult
 from pgolf_core.config.fields import non_negative, one_of, param, positive
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
-from plugins.evaluator.sliding_window import (
+from pgolf.plugins.evaluator.sliding_window import (
     ScoreTotals,
     SlidingWindow,
     SlidingWindowParams,
-    matches_label,
     rank_share,
     scored_offset,
     window_batch,
@@ -103,11 +103,14 @@ def slot_lr(step: int, steps: int, lr: float, lr_min: float) -> float:
     return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * step / steps))
 
 
-def slot_logits(hidden: Tensor, weight: Tensor, softcap: float, delta: Tensor, bias: Tensor) -> Tensor:
-    """``softcap * tanh(((hidden + delta) W^T + bias) / softcap)``, in the reference's order of operations."""
+def slot_logits(hidden: Tensor, weight: Tensor, cap: Callable[[Tensor], Tensor] | float, delta: Tensor, bias: Tensor) -> Tensor:
+    """``cap((hidden + delta) W^T + bias)``, in the reference's order of operations; ``cap`` is the head's soft
+    cap (a number ``c`` means ``c * tanh(z / c)``, the softcap head's)."""
     h = hidden + delta
     proj = F.linear(h, weight) + bias
-    return softcap * torch.tanh(proj / softcap)
+    if callable(cap):
+        return cap(proj)
+    return cap * torch.tanh(proj / cap)
 
 
 def slot_init(prev: tuple[Tensor, Tensor] | None, bsz: int, dim: int, vocab: int, warmstart: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -144,10 +147,8 @@ def fit_scored(
 
 
 def output_weight(model: nn.Module) -> Tensor:
-    """The output projection in fp32: the tied token table, or the untied ``lm_head``."""
-    lm_head = getattr(model.head, "lm_head", None)
-    weight = model.embedding.tok_emb.weight if lm_head is None else lm_head.weight
-    return weight.detach().float()
+    """The output projection in fp32, as the head computes its logits (the tied token table, or its own)."""
+    return model.head.output_weight(model.embedding.tok_emb.weight).detach().float()
 
 
 def _eval_scored(base_model, env, p: SlotParams, seq_len: int, total: int, mine: list[int], totals: ScoreTotals) -> None:
@@ -156,7 +157,7 @@ def _eval_scored(base_model, env, p: SlotParams, seq_len: int, total: int, mine:
     if env.compile:
         hidden_fn = torch.compile(base_model.hidden, dynamic=False, fullgraph=True)
     weight = output_weight(base_model)
-    softcap = base_model.head.logit_softcap
+    softcap = base_model.head.cap
     prev = None
     for bi in range(0, len(mine), p.batch_seqs):
         batch = mine[bi : bi + p.batch_seqs]
@@ -284,7 +285,6 @@ class Slot:
         self.label = params.label or ("final_slot" if params.variant == "scored" else "final_causal_slot")
         self.reason = {"scored": SCORED_REASON, "causal": CAUSAL_REASON, "pr1333": PR1333_REASON}[params.variant]
         self.compliant = params.variant == "causal"
-        self.compliance_note = self.reason
 
     def evaluate(self, model, env, quant: str, comp: str):
         p = self.params
@@ -296,7 +296,7 @@ class Slot:
             note = f"steps:{p.steps} lr:{p.lr}"
         else:
             note = f"variant:{p.variant} steps:{p.causal_steps} lr:{p.causal_lr}"
-        results.append((self.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), note))
+        results.append(FinalResult(self.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), note))
         return results
 
     def reported_lines(self, quant: str, comp: str) -> list[str]:

@@ -37,15 +37,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pgolf_core.calibration import Compliance
+from pgolf_core.compliance import matches_label
+from pgolf_core.contracts import Compliance, FinalResult
 from pgolf_core.config.fields import non_negative, param, positive
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
-from plugins.evaluator.sliding_window import (
+from pgolf.plugins.evaluator.sliding_window import (
     ScoreTotals,
     SlidingWindow,
     SlidingWindowParams,
-    matches_label,
     rank_share,
     scored_offset,
     window_batch,
@@ -193,8 +193,6 @@ def eval_score_first_ttt(base_model, env, params: ScoreFirstTTTParams, seq_len: 
 
 
 class ScoreFirstTTT:
-    compliant = True
-    compliance_note = TTT_REASON
 
     def __init__(self, params: ScoreFirstTTTParams, train_seq_len: int) -> None:
         if params.nesterov and params.momentum <= 0:
@@ -217,7 +215,7 @@ class ScoreFirstTTT:
         t0 = time.perf_counter()
         loss, bpb = eval_score_first_ttt(base_model, env, p, self.eval_seq_len)
         note = f"chunk_tokens:{p.chunk_tokens} epochs:{p.epochs} lr:{p.lr} freeze_blocks:{p.freeze_blocks}"
-        results.append((p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), note))
+        results.append(FinalResult(p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), note))
         return results
 
     def reported_lines(self, quant: str, comp: str) -> list[str]:

@@ -21,17 +21,22 @@ class BaselineInitParams:
     )
 
 
-def build(params: BaselineInitParams, ctx):
-    tied = ctx.model.tie_embeddings
+class BaselineInit:
+    writes_block_weights = False  # the blocks keep their constructors' default inits
 
-    def init(model: nn.Module) -> None:
-        if tied:
-            nn.init.normal_(model.token_embedding(), mean=0.0, std=params.tied_embed_init_std)
+    def __init__(self, params: BaselineInitParams, tied: bool) -> None:
+        self.params, self.tied = params, tied
+
+    def __call__(self, model: nn.Module) -> None:
+        if self.tied:
+            nn.init.normal_(model.token_embedding(), mean=0.0, std=self.params.tied_embed_init_std)
         for module in model.modules():
             if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
                 nn.init.zeros_(module.weight)
 
-    return init
+
+def build(params: BaselineInitParams, ctx) -> BaselineInit:
+    return BaselineInit(params, ctx.model.tie_embeddings)
 
 
 @hookimpl

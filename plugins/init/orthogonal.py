@@ -27,12 +27,15 @@ class OrthogonalInitParams:
     scale_projections: bool = param(True, help="multiply '.proj' weights by 1/sqrt(2 * num_layers)")
 
 
-def build(params: OrthogonalInitParams, ctx):
-    tied = ctx.model.tie_embeddings
-    num_layers = ctx.model.num_layers
+class OrthogonalInit:
+    writes_block_weights = False  # every linear is drawn again here, after its constructor's draw
 
-    def init(model: nn.Module) -> None:
-        if tied:
+    def __init__(self, params: OrthogonalInitParams, tied: bool, num_layers: int) -> None:
+        self.params, self.tied, self.num_layers = params, tied, num_layers
+
+    def __call__(self, model: nn.Module) -> None:
+        params = self.params
+        if self.tied:
             nn.init.normal_(model.token_embedding(), mean=0.0, std=params.tied_embed_init_std)
         for name, module in model.named_modules():
             if not isinstance(module, nn.Linear):
@@ -43,9 +46,11 @@ def build(params: OrthogonalInitParams, ctx):
                 nn.init.orthogonal_(module.weight, gain=1.0)
                 if params.scale_projections and (".proj." in name or name.endswith(".proj")):
                     with torch.no_grad():
-                        module.weight.mul_(1.0 / math.sqrt(2 * num_layers))
+                        module.weight.mul_(1.0 / math.sqrt(2 * self.num_layers))
 
-    return init
+
+def build(params: OrthogonalInitParams, ctx) -> OrthogonalInit:
+    return OrthogonalInit(params, ctx.model.tie_embeddings, ctx.model.num_layers)
 
 
 @hookimpl

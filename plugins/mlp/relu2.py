@@ -4,7 +4,7 @@ From the official baseline ``train_gpt.py`` (after modded-nanogpt). With ``negat
 PR #493's LeakyReLU(slope)² (``proj(leaky_relu(fc(x), slope)²)``), kept by #549, #1019, #1392 and #1319. The
 hidden width is ``int(mult * model_dim)``; the baseline uses an integer multiplier, later records a float one.
 
-Options modifiers may set: ``canon_d`` = factory of a module applied to relu(fc(x)) before the square.
+Site ``hidden``: ``(h (B,T,hidden), x) -> h`` on the activation, before the square (Canon D).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from pgolf_core.config.fields import in_range, param, positive
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.layers import CastedLinear, zero_init
+from pgolf_core.model.sites import NO_SITES, SiteBuilder
 from pgolf_core.registry import Technique
 
 
@@ -30,23 +31,26 @@ class Relu2Params:
 
 
 class Relu2MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, canon_d=None, negative_slope: float = 0.0) -> None:
+    SITES = {"hidden": "(h (B,T,hidden), x (B,T,d)) -> h: the activation, before the square"}
+
+    def __init__(self, dim: int, hidden: int, negative_slope: float = 0.0, sites: SiteBuilder = NO_SITES) -> None:
         super().__init__()
+        self.dim, self.hidden = dim, hidden
         self.negative_slope = negative_slope  # a constant in the compiled graph
         self.fc = CastedLinear(dim, hidden, bias=False)
         self.proj = zero_init(CastedLinear(hidden, dim, bias=False))
-        self.canon_d = canon_d() if canon_d is not None else None
+        self.hidden_site = sites.site("hidden", self)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
-        x = torch.relu(h) if self.negative_slope == 0.0 else F.leaky_relu(h, negative_slope=self.negative_slope)
-        if self.canon_d is not None:
-            x = self.canon_d(x)
-        return self.proj(x.square())
+        h = torch.relu(h) if self.negative_slope == 0.0 else F.leaky_relu(h, negative_slope=self.negative_slope)
+        if self.hidden_site is not None:
+            h = self.hidden_site(h, x)
+        return self.proj(h.square())
 
 
 def build(params: Relu2Params, ctx) -> Relu2MLP:
-    return Relu2MLP(ctx.model.model_dim, int(params.mult * ctx.model.model_dim), ctx.option("canon_d"), params.negative_slope)
+    return Relu2MLP(ctx.model.model_dim, int(params.mult * ctx.model.model_dim), params.negative_slope, ctx)
 
 
 @hookimpl

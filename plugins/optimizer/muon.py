@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from pgolf_core.config.fields import non_negative, one_of, param, positive
 from pgolf_core.hookspecs import hookimpl
-from pgolf_core.model.layers import is_control_tensor
+from pgolf_core.model.roles import is_control, is_frozen
 from pgolf_core.optim import OptimizerSet
 from pgolf_core.registry import Technique
 
@@ -149,17 +149,17 @@ def build(params: MuonParams, ctx):
     tied = ctx.model.tie_embeddings
 
     def make(model, runtime) -> MuonAdamSet:
-        block_named = [(n, p) for n, p in model.block_named_parameters() if not getattr(p, "_pgolf_untrained", False)]
-        matrix = [p for n, p in block_named if p.ndim == 2 and not is_control_tensor(n)]
-        scalar = [p for n, p in block_named if not (p.ndim == 2 and not is_control_tensor(n))]
+        block_named = [(n, p) for n, p in model.block_named_parameters() if not is_frozen(p)]
+        matrix = [p for n, p in block_named if p.ndim == 2 and not is_control(p)]
+        scalar = [p for n, p in block_named if not (p.ndim == 2 and not is_control(p))]
         tables = [model.token_embedding()]
         embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         for name, p in model.other_named_parameters():
-            if getattr(p, "_pgolf_untrained", False):
+            if is_frozen(p):
                 continue  # e.g. PR #1392's recurrence scales: in no optimizer
             if id(p) in embedding_ids:
                 tables.append(p)
-            elif p.ndim == 2 and not is_control_tensor(name):
+            elif p.ndim == 2 and not is_control(p):
                 matrix.append(p)
             else:
                 scalar.append(p)

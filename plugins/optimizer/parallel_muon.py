@@ -18,7 +18,7 @@ On one process this is exactly the records' non-distributed path (bf16 momentum 
 pgolf keeps per-layer parameters and stacks their gradients into the bank buffer (the records copy the bank
 gradient to bf16 at the same point), so the model's forward is unchanged. Small matrices outside the blocks
 (BigramHash and value-embedding projections) go to the scalar AdamW group, as in the records; parameters
-marked untrained (``_pgolf_untrained``, e.g. PR #1392's recurrence scales) are in no group.
+marked frozen (``pgolf_core.model.roles``, e.g. PR #1392's recurrence scales) are in no group.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from pgolf_core.config.fields import non_negative, one_of, param, positive
 from pgolf_core.hookspecs import hookimpl
-from pgolf_core.model.layers import is_control_tensor
+from pgolf_core.model.roles import is_control, is_frozen
 from pgolf_core.optim import OptimizerSet
 from pgolf_core.registry import Technique
-from plugins.optimizer.muon import equilibrate_rows
+from pgolf.plugins.optimizer.muon import equilibrate_rows
 
 BANK_ROLES = (("qo", (("attn", "c_q"), ("attn", "proj"))), ("kv", (("attn", "c_k"), ("attn", "c_v"))),
               ("up", (("mlp", "fc"),)), ("down", (("mlp", "proj"),)))
@@ -259,7 +259,7 @@ def group_banks(model: nn.Module) -> tuple[list[list[nn.Parameter]], set[int]]:
             taken |= {id(p) for p in bank}
     extra: dict[tuple[int, ...], list[nn.Parameter]] = {}
     for name, p in model.block_named_parameters():
-        if id(p) not in taken and p.ndim == 2 and not is_control_tensor(name) and not getattr(p, "_pgolf_untrained", False):
+        if id(p) not in taken and p.ndim == 2 and not is_control(p) and not is_frozen(p):
             extra.setdefault(tuple(p.shape), []).append(p)
     for bank in extra.values():
         banks.append(bank)
@@ -272,13 +272,13 @@ def build(params: ParallelMuonParams, ctx):
 
     def make(model, runtime) -> ParallelMuonSet:
         banks, in_banks = group_banks(model)
-        trained = [(n, p) for n, p in model.named_parameters() if not getattr(p, "_pgolf_untrained", False)]
+        trained = [(n, p) for n, p in model.named_parameters() if not is_frozen(p)]
         embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         head_ids = {id(p) for p in model.head_parameters()}
         tok_id = id(model.token_embedding())
         tables = [model.token_embedding()]
         block_ids = {id(p) for p in model.blocks.parameters()}
-        scalar = [p for n, p in model.block_named_parameters() if id(p) not in in_banks and not getattr(p, "_pgolf_untrained", False)]
+        scalar = [p for n, p in model.block_named_parameters() if id(p) not in in_banks and not is_frozen(p)]
         for name, p in trained:
             if id(p) in block_ids or id(p) in head_ids or id(p) == tok_id:
                 continue

@@ -3,7 +3,8 @@ pruning (PR #1019, and its variants in PR #1392 and PR #1319).
 
 The pipeline, in the order the references run it:
 
-1. **Calibration** (``calibrate(ctx)``, after the training clock). ``calibration = "ar_selfgen"``: the trained
+1. **Calibration** (``calibrate(ctx)``, after the training clock; the sources and the Hessian collection are
+   the core's, ``pgolf_core.calibration``). ``calibration = "ar_selfgen"``: the trained
    model samples ``calib_seqs`` sequences of ``calib_seq_len`` tokens itself (first token uniform, then the
    soft-capped last-position logits / ``temperature``, softmax, one multinomial draw), in batches of
    ``gen_batch``. The references ran a full forward over the prefix per token. ``gen_kv_cache``:
@@ -54,7 +55,7 @@ The pipeline, in the order the references run it:
    pass (rows are independent, so the candidates' rows are stacked); the results are bit-identical to running
    them one by one.
 
-5. **Selective ±1 pruning** (``fit(obj, measure)``): entries with |q| = 1 in int6 tensors (``prune = "int6"``,
+5. **Selective ±1 pruning** (``fit(obj, measure)``, ``pgolf.plugins.quantizer.prune``): entries with |q| = 1 in int6 tensors (``prune = "int6"``,
    #1019) or in every int tensor incl. the int8 embeddings (``"int"``, #1392) are sorted by ``scale_row²``
    (stable); if the artifact does not fit ``prune_target_mb``, the smallest number of the cheapest ones that
    makes it fit is zeroed (binary search, each probe measures the whole artifact). The references compute the
@@ -72,23 +73,21 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pgolf_core.calibration import (
-    CalibrationContext,
-    Compliance,
-    forward_hooks_on_linears,
-)
+from pgolf_core.calibration import SOURCES, CalibrationContext, ar_generate, collect_hessians, decode_mismatch
 from pgolf_core.config.fields import in_range, non_negative, one_of, param, positive
+from pgolf_core.contracts import Compliance
 from pgolf_core.hookspecs import hookimpl
-from pgolf_core.model.decode import DecodeCache, decode_logits, exact_positions, undecodable_modules
-from pgolf_core.model.layers import CastedLinear, is_control_tensor
+from pgolf_core.model.roles import CONTROL
 from pgolf_core.registry import Technique
+from pgolf.plugins.quantizer.common import categories, classify, dequantize, own_storage, quantize_rows
+from pgolf.plugins.quantizer.prune import fit_to_target
 
 PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 FORMAT = "gptq_mixed_int6_int8_v1"
@@ -161,17 +160,6 @@ class GPTQParams:
 # -- pure math ---------------------------------------------------------------------------------------------
 
 
-def classify(name: str) -> str:
-    """Tensor category of the references' ``_classify_param``: a ``.proj.`` outside an MLP counts as attention."""
-    if "tok_emb" in name or "lm_head" in name:
-        return "embed"
-    if ".mlp." in name:
-        return "mlp"
-    if ".attn." in name or (".proj." in name and ".mlp." not in name):
-        return "attn"
-    return "other"
-
-
 def candidate_scales(t32: Tensor, percentiles: Sequence[float], clip_range: int) -> list[Tensor]:
     """Per-row fp16 scales ``max(clip/clip_range, 1/clip_range)``, one per clip percentile (p >= 1: the row max).
 
@@ -209,22 +197,6 @@ def percentile_search(t: Tensor, clip_range: int = 31, percentiles: Sequence[flo
         if err < best_err:
             best_q, best_s, best_err = q, s, err
     return best_q, best_s
-
-
-def int8_rows(t: Tensor, clip_q: float = 0.9999984) -> tuple[Tensor, Tensor]:
-    """Int8 in [-127, 127]: per row for matrices (clip at the ``clip_q`` quantile of |row|, fp16 scale
-    ``max(clip/127, 1/127)``), one fp32 scale for other shapes."""
-    t32 = t.float()
-    if t32.ndim == 2:
-        clip = torch.quantile(t32.abs(), clip_q, dim=1) if t32.numel() else torch.empty((t32.shape[0],), dtype=torch.float32)
-        clipped = torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
-        scale = (clip / 127.0).clamp_min(1.0 / 127.0)
-        q = torch.clamp(torch.round(clipped / scale[:, None]), -127, 127).to(torch.int8).contiguous()
-        return q, scale.to(torch.float16).contiguous()
-    clip_abs = float(torch.quantile(t32.abs().flatten(), clip_q).item()) if t32.numel() else 0.0
-    scale = torch.tensor(clip_abs / 127.0 if clip_abs > 0 else 1.0, dtype=torch.float32)
-    q = torch.clamp(torch.round(torch.clamp(t32, -clip_abs, clip_abs) / scale), -127, 127).to(torch.int8).contiguous()
-    return q, scale
 
 
 def gptq_prepare(weight: Tensor, hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
@@ -315,200 +287,7 @@ def gptq_quantize(
     return q, scales[best]
 
 
-def accumulate_hessian(H: Tensor, x: Tensor, fp32: bool = False) -> None:
-    """``H += XᵀX`` for layer inputs ``x`` (..., cols): cast to fp32; the product runs under whatever autocast
-    is active (bf16 on GPU, as the references) unless ``fp32``; summed into ``H`` on H's device."""
-    x = x.detach().float().reshape(-1, x.shape[-1])
-    if fp32:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            prod = x.T @ x
-    else:
-        prod = x.T @ x
-    H += prod.to(H.device)
-
-
-def finish_hessians(hessians: dict[str, Tensor], count: int, damp: float) -> dict[str, Tensor]:
-    """``H /= count``, then, if ``damp > 0``, ``H += damp·max(mean(diag H), 1e-6)·I`` (in place)."""
-    for H in hessians.values():
-        H /= count
-        if damp > 0:
-            H.diagonal().add_(damp * torch.diag(H).mean().clamp_min(1e-6))
-    return hessians
-
-
-def collect_hessians(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, damp: float = 0.0, fp32: bool = False
-) -> dict[str, Tensor]:
-    """Run ``model(x, y)`` on each batch (under the caller's autocast) with hooks on every ``CastedLinear``;
-    returns ``{weight_name: H}`` in fp32 on the CPU, normalised by the number of forwards and damped.
-
-    Every ``CastedLinear`` gets a matrix, zero if it never runs (as in the references)."""
-    hessians = {
-        f"{name}.weight": torch.zeros(module.in_features, module.in_features, dtype=torch.float32)
-        for name, module in model.named_modules()
-        if isinstance(module, CastedLinear)
-    }
-    handles = forward_hooks_on_linears(model, lambda name, x: accumulate_hessian(hessians[name], x, fp32=fp32))
-    count = 0
-    try:
-        with torch.inference_mode():
-            for x, y in batches:
-                model(x, y)
-                count += 1
-    finally:
-        for h in handles:
-            h.remove()
-    return finish_hessians(hessians, max(count, 1), damp)
-
-
-def decode_mismatch(model: nn.Module, vocab_size: int, device: torch.device, positions: int = 16) -> str | None:
-    """Why incremental decoding cannot stand in for full forwards on this model, or None when it can.
-
-    Checks the declared protocol first, then numerically: the logits of ``positions`` random tokens decoded one
-    at a time must match the last position of a full forward over each prefix (relative 1e-4 in fp32, 5e-2
-    under autocast) — a module that mixes positions without declaring it shows up here. Draws from its own
-    generator: the sampling RNG is untouched.
-    """
-    missing = undecodable_modules(model)
-    if missing:
-        return f"no incremental path in {', '.join(missing[:3])}"
-    positions = min(positions, exact_positions(model) or positions)
-    probe = torch.randint(0, vocab_size, (1, positions), device=device, generator=torch.Generator(device=device).manual_seed(0))
-    full = torch.cat([model.logits(probe[:, : t + 1]).reshape(1, t + 1, -1)[:, -1:].float() for t in range(positions)], dim=1)
-    cache = DecodeCache()
-    stepped = torch.cat([decode_logits(model, probe[:, i : i + 1], cache).reshape(1, 1, -1).float() for i in range(positions)], dim=1)
-    tol = 5e-2 if torch.is_autocast_enabled(device.type) else 1e-4
-    diff = (stepped - full).abs().max().item()
-    if not diff <= tol * (1.0 + full.abs().max().item()):
-        return f"incremental logits differ from a full forward by {diff:.3g}"
-    return None
-
-
-def ar_generate(
-    model: nn.Module,
-    *,
-    num_seqs: int,
-    seq_len: int,
-    vocab_size: int,
-    temperature: float = 0.8,
-    batch_size: int = 8,
-    seed: int = 42,
-    rng: str = "pr1019",
-    device: torch.device | str = "cpu",
-    kv_cache: str = "off",
-) -> list[Tensor]:
-    """Sample ``num_seqs`` sequences of ``seq_len`` tokens from the model's logits, under
-    ``torch.inference_mode`` and the caller's autocast; returns the batches, (bs, seq_len) each. ``kv_cache``
-    (``GPTQParams.gen_kv_cache``; the caller checks ``decode_mismatch`` first): ``"exact"`` decodes one new
-    position per forward while the prefix is within ``exact_positions(model)`` and runs full forwards after,
-    ``"approximate"`` decodes throughout, ``"off"`` runs a full forward of the prefix per token.
-
-    ``rng = "pr1019"``: one generator on ``device`` seeded with ``seed`` draws the first tokens and every
-    sample; ``"pr1319"``: ``torch.manual_seed(seed)`` (global), the first tokens of the batch starting at
-    sequence b from a generator seeded with b, samples from the default generator, logits in fp32 before the
-    temperature."""
-    device = torch.device(device)
-    if kv_cache == "off":
-        limit = 0
-    elif kv_cache == "approximate":
-        limit = seq_len
-    else:
-        limit = exact_positions(model) or seq_len
-    last_logits = getattr(model, "last_logits", None) or (lambda ids: model.logits(ids).reshape(ids.shape[0], ids.shape[1], -1)[:, -1, :])
-    if rng == "pr1319":
-        torch.manual_seed(seed)
-        gen = None
-    else:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, num_seqs, batch_size):
-            bs = min(batch_size, num_seqs - start)
-            first_gen = torch.Generator(device=device).manual_seed(start) if rng == "pr1319" else gen
-            tokens = torch.randint(0, vocab_size, (bs, 1), device=device, generator=first_gen)
-            cache, new = DecodeCache(), tokens
-            for _ in range(seq_len - 1):
-                if tokens.shape[1] <= limit:
-                    last = decode_logits(model, new, cache).reshape(bs, new.shape[1], -1)[:, -1, :]
-                else:
-                    last = last_logits(tokens)
-                if rng == "pr1319":
-                    probs = torch.softmax(last.float() / temperature, dim=-1)
-                else:
-                    probs = torch.softmax(last / temperature, dim=-1)
-                new = torch.multinomial(probs, 1, generator=gen)
-                tokens = torch.cat([tokens, new], dim=1)
-            out.append(tokens)
-    return out
-
-
-# -- pruning -----------------------------------------------------------------------------------------------
-
-
-@attrs.define
-class PruneCandidates:
-    """The ±1 entries of the prunable tensors, cheapest first: tensor key, flat index and cost ``scale_row²``."""
-
-    keys: list[str]
-    tensor: Tensor
-    flat: Tensor
-    cost: Tensor
-
-    def __len__(self) -> int:
-        return int(self.flat.numel())
-
-
-def prune_candidates(w: dict[str, Tensor], m: dict[str, Any], kinds: str) -> PruneCandidates:
-    """Entries with |q| = 1 of per-row-scaled tensors whose meta type is ``int6`` (``kinds = "int6"``) or any
-    ``int*`` (``"int"``), in meta order then row-major, stably sorted by ``scale_row²`` (the references' list
-    sort)."""
-    keys, tids, flats, costs = [], [], [], []
-    for name, info in m.items():
-        kind = info.get("type", "") if isinstance(info, dict) else ""
-        if not (kind == "int6" if kinds == "int6" else kind.startswith("int")):
-            continue
-        qk, sk = name + ".q", name + ".scale"
-        if qk not in w or sk not in w or w[sk].ndim == 0:
-            continue
-        q, s = w[qk], w[sk]
-        flat = torch.nonzero(q.reshape(-1).abs() == 1).squeeze(1)
-        if flat.numel() == 0:
-            continue
-        row = flat // (q.numel() // q.shape[0])
-        tids.append(torch.full_like(flat, len(keys)))
-        keys.append(qk)
-        flats.append(flat)
-        costs.append(s.float()[row].pow(2))
-    if not keys:
-        empty = torch.empty(0, dtype=torch.long)
-        return PruneCandidates([], empty, empty, torch.empty(0))
-    cost = torch.cat(costs)
-    order = torch.sort(cost, stable=True).indices
-    return PruneCandidates(keys, torch.cat(tids)[order], torch.cat(flats)[order], cost[order])
-
-
-def apply_prune(w: dict[str, Tensor], cands: PruneCandidates, n: int) -> dict[str, Tensor]:
-    """A copy of ``w`` with the ``n`` cheapest candidates zeroed (only the touched tensors are cloned)."""
-    out = dict(w)
-    n = min(n, len(cands))
-    if n <= 0:
-        return out
-    tid, flat = cands.tensor[:n], cands.flat[:n]
-    for t in torch.unique(tid).tolist():
-        key = cands.keys[t]
-        q = w[key].clone()
-        q.view(-1)[flat[tid == t]] = 0
-        out[key] = q
-    return out
-
-
 # -- the quantizer -----------------------------------------------------------------------------------------
-
-
-def _own_storage(t: Tensor) -> Tensor:
-    """Serialize only what the tensor holds (a view would drag its whole storage into the artifact)."""
-    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 class GPTQ:
@@ -517,7 +296,7 @@ class GPTQ:
 
     def __init__(self, params: GPTQParams) -> None:
         self.params = params
-        self.categories = {c.strip() for c in params.int6_categories.split(",") if c.strip()}
+        self.categories = categories(params.int6_categories)
         self.hessians: dict[str, Tensor] = {}
         self.prune_report: dict[str, Any] = {}
         self._log: Callable[..., None] | None = None
@@ -529,13 +308,9 @@ class GPTQ:
 
     @property
     def compliance(self) -> list[Compliance]:
-        what = "gptq calibration data"
-        source = self.params.calibration
-        if source == "train":
-            return [Compliance(what, False, "training batches read after the training clock stopped (calibration = 'train')")]
-        if source == "none":
-            return [Compliance(what, True, "no calibration data: no Hessians, percentile clip search only")]
-        return [Compliance(what, True, "sequences the trained model generates itself; no training or validation data read (PR #1019's precedent)")]
+        source = {"train": SOURCES["train_after_clock"], "none": SOURCES["none"]}.get(self.params.calibration, SOURCES["self_generated"])
+        extra = {"train": " (calibration = 'train')", "none": ": no Hessians, percentile clip search only"}.get(self.params.calibration, "")
+        return [Compliance("gptq calibration data", source.ok, source.reason + extra)]
 
     # -- calibration -----------------------------------------------------------------------------------
     def calibrate(self, ctx: CalibrationContext) -> None:
@@ -608,7 +383,7 @@ class GPTQ:
         q, s = percentile_search(t, p.clip_range, p.percentiles)
         return q, s, "percentile"
 
-    def quantize(self, state_dict: dict[str, Tensor]) -> tuple[dict, dict]:
+    def quantize(self, state_dict: dict[str, Tensor], roles: Mapping[str, str]) -> tuple[dict, dict]:
         p = self.params
         w: dict[str, Tensor] = {}
         m: dict[str, Any] = {}
@@ -619,11 +394,11 @@ class GPTQ:
             if t.is_floating_point() and t.dtype != torch.float32:
                 dtypes[name] = str(t.dtype).removeprefix("torch.")
             if not t.is_floating_point() or t.numel() <= p.keep_float_max_numel:
-                w[name] = _own_storage(t.to(torch.float16) if t.is_floating_point() else t)
+                w[name] = own_storage(t.to(torch.float16) if t.is_floating_point() else t)
                 m[name] = "passthrough"
                 stats["num_passthrough"] += 1
-            elif is_control_tensor(name):
-                w[name] = _own_storage(t.float())
+            elif roles.get(name) == CONTROL:
+                w[name] = own_storage(t.float())
                 m[name] = "passthrough_ctrl"
                 stats["num_passthrough"] += 1
             elif classify(name) in self.categories and t.ndim >= 1:
@@ -632,7 +407,7 @@ class GPTQ:
                 m[name] = {"type": self.int_type}
                 stats[f"num_{how}"] += 1
             else:
-                q, s = int8_rows(t, p.int8_clip_quantile)
+                q, s = quantize_rows(t, p.int8_clip_quantile)
                 w[name + ".q"], w[name + ".scale"] = q, s
                 m[name] = {"type": "int8"}
                 stats["num_int8"] += 1
@@ -650,11 +425,7 @@ class GPTQ:
                 t = w[name]
                 out[name] = t.to(dtype) if t.is_floating_point() else t
                 continue
-            q, s = w[name + ".q"], w[name + ".scale"]
-            if s.ndim > 0:
-                out[name] = (q.float() * s.float().view(q.shape[0], *([1] * (q.ndim - 1)))).to(dtype)
-            else:
-                out[name] = (q.float() * float(s.item())).to(dtype)
+            out[name] = dequantize(w[name + ".q"], w[name + ".scale"], dtype)
         return out
 
     # -- selective ±1 pruning --------------------------------------------------------------------------
@@ -667,42 +438,12 @@ class GPTQ:
         to the target; logs the references' ``selective_prune:`` lines (through ``log``, else the calibration
         context's log). Returns ``obj`` itself when nothing is pruned."""
         p = self.params
-        log = log or self._log or (lambda *a, **k: None)
         if p.prune == "off":
             return obj
-        cands = prune_candidates(obj["w"], obj["m"], p.prune)
-        total = len(cands)
-        if total == 0:
-            return obj
         unit = 1024 * 1024 if p.prune_target_unit == "MiB" else 1_000_000
-        target = self.target_bytes()
-
-        def pruned(n: int) -> dict:
-            return {**obj, "w": apply_prune(obj["w"], cands, n)}
-
-        unpruned = measure(obj)
-        self.prune_report = {"candidates": total, "target_bytes": target, "unpruned_bytes": unpruned, "pruned": 0}
-        log(f"selective_prune: {total} ±1 candidates, unpruned={unpruned / unit:.2f}MB target={p.prune_target_mb}MB")
-        if unpruned <= target:
-            log("selective_prune: already fits, no pruning needed")
-            return obj
-        full = pruned(total)
-        full_size = measure(full)
-        log(f"selective_prune: full ±1 prune={full_size / unit:.2f}MB")
-        if full_size > target:
-            log("selective_prune: even full prune not enough, applying all")
-            self.prune_report["pruned"] = total
-            return full
-        lo, hi = 0, total
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if measure(pruned(mid)) <= target:
-                hi = mid
-            else:
-                lo = mid + 1
-        log(f"selective_prune: pruning {lo}/{total} ±1 values ({100 * lo / total:.1f}%) to fit {p.prune_target_mb}MB")
-        self.prune_report["pruned"] = lo
-        return pruned(lo)
+        log = log or self._log or (lambda *a, **k: None)
+        obj, self.prune_report = fit_to_target(obj, measure, p.prune, self.target_bytes(), unit, str(p.prune_target_mb), log)
+        return obj
 
 
 def build(params: GPTQParams, ctx) -> GPTQ:

@@ -18,19 +18,17 @@ Serialized as ``{"w": tensors, "m": meta}`` like the reference.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 import torch
 from torch import Tensor
 
 from pgolf_core.config.fields import param, positive
 from pgolf_core.hookspecs import hookimpl
-from pgolf_core.model.layers import is_control_tensor
+from pgolf_core.model.roles import CONTROL
 from pgolf_core.registry import Technique
-from plugins.quantizer.int8_rowwise import Int8Rowwise, Int8RowwiseParams
-
-
-def _categories(value: str) -> tuple[str, ...]:
-    return tuple(c.strip() for c in value.split(",") if c.strip())
+from pgolf.plugins.quantizer.common import categories, classify, dequantize, quantize_absmax_rows, quantize_rows
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -40,30 +38,9 @@ class Int6AbsmaxParams:
     keep_float_max_numel: int = param(65_536, help="float tensors up to this size are stored fp16", validator=positive)
 
 
-def classify(name: str) -> str:
-    if "tok_emb" in name or "lm_head" in name:
-        return "embed"
-    if ".mlp." in name:
-        return "mlp"
-    if ".attn." in name or (".proj." in name and ".mlp." not in name):
-        return "attn"
-    return "other"
-
-
-def quantize_int6_per_row(t: Tensor) -> tuple[Tensor, Tensor]:
-    t32 = t.float()
-    if t32.ndim == 2:
-        row_max = t32.abs().amax(dim=1)
-        scale = (row_max / 31.0).clamp_min(1.0 / 31.0).to(torch.float16)
-        q = torch.clamp(torch.round(t32 / scale.float()[:, None]), -32, 31).to(torch.int8)
-        return q, scale
-    amax = t32.abs().max().item()
-    scale = torch.tensor(amax / 31.0 if amax > 0 else 1.0, dtype=torch.float16)
-    q = torch.clamp(torch.round(t32 / scale.float()), -32, 31).to(torch.int8)
-    return q, scale
-
-
 def quantize_int5_per_row(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Abs-max int5 per row, ``[-16, 15]``, ``scale = fp16(max(row_max/15, 1e-12))`` (the int5 MLP export of the
+    ``2026-03-20_10L_Int5MLP_MuonWD04_SWA50`` record)."""
     t32 = t.float()
     row_max = t32.abs().amax(dim=1) if t32.ndim == 2 else t32.abs().max()
     scale = (row_max / 15.0).clamp_min(1e-12).to(torch.float16)
@@ -75,13 +52,13 @@ class Int6Absmax:
     label = "int6"
 
     def __init__(self, params: Int6AbsmaxParams) -> None:
-        self.categories = set(_categories(params.int6_categories))
-        self.int5_categories = set(_categories(params.int5_categories))
+        self.categories = categories(params.int6_categories)
+        self.int5_categories = categories(params.int5_categories)
         self.keep_float_max_numel = params.keep_float_max_numel
-        self.int8 = Int8Rowwise(Int8RowwiseParams())
+        self.int8_clip_q = 99.99984 / 100.0  # the baseline's percentile, as the reference's int8 fallback
         self.template: dict[str, tuple[torch.dtype, torch.Size]] = {}
 
-    def quantize(self, state_dict: dict[str, Tensor]) -> tuple[dict, dict]:
+    def quantize(self, state_dict: dict[str, Tensor], roles: Mapping[str, str]) -> tuple[dict, dict]:
         result: dict[str, Tensor] = {}
         meta: dict[str, object] = {}
         stats = {"payload_bytes": 0, "num_int6": 0, "num_int8": 0, "num_passthrough": 0}
@@ -92,7 +69,7 @@ class Int6Absmax:
                 result[name] = t.to(torch.float16) if t.is_floating_point() else t
                 meta[name] = "passthrough"
                 stats["num_passthrough"] += 1
-            elif is_control_tensor(name):
+            elif roles.get(name) == CONTROL:
                 result[name] = t.float()
                 meta[name] = "passthrough_ctrl"
                 stats["num_passthrough"] += 1
@@ -102,11 +79,11 @@ class Int6Absmax:
                     meta[name] = {"type": "int5"}
                     stats["num_int5"] = stats.get("num_int5", 0) + 1
                 elif classify(name) in self.categories and t.ndim >= 1:
-                    q, s = quantize_int6_per_row(t)
+                    q, s = quantize_absmax_rows(t, 31)
                     meta[name] = {"type": "int6"}
                     stats["num_int6"] += 1
                 else:
-                    q, s = self.int8.quantize_tensor(t)
+                    q, s = quantize_rows(t, self.int8_clip_q)
                     meta[name] = {"type": "int8"}
                     stats["num_int8"] += 1
                 result[name + ".q"], result[name + ".scale"] = q, s
@@ -124,12 +101,7 @@ class Int6Absmax:
                     t = t.to(orig_dtype)
                 out[name] = t
                 continue
-            q, s = result[name + ".q"], result[name + ".scale"]
-            dtype = orig_dtype or torch.float32
-            if s.ndim > 0:
-                out[name] = (q.float() * s.float().view(q.shape[0], *([1] * (q.ndim - 1)))).to(dtype)
-            else:
-                out[name] = (q.float() * float(s.item())).to(dtype)
+            out[name] = dequantize(result[name + ".q"], result[name + ".scale"], orig_dtype or torch.float32)
         return out
 
 

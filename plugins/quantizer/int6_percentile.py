@@ -11,15 +11,17 @@ per-row quantizer with a bit width per tensor category.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 import torch
 from torch import Tensor
 
 from pgolf_core.config.fields import in_range, param, positive
 from pgolf_core.hookspecs import hookimpl
-from pgolf_core.model.layers import is_control_tensor
+from pgolf_core.model.roles import CONTROL
 from pgolf_core.registry import Technique
-from plugins.quantizer.int8_rowwise import dequantize_rows, quantize_rows
+from pgolf.plugins.quantizer.common import categories, classify, dequantize_rows, quantize_rows
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -27,16 +29,6 @@ class Int6PercentileParams:
     int6_categories: str = param("mlp,attn", help="comma list of categories quantized to int6 (embed, mlp, attn, other)", env="INT6_CATEGORIES")
     clip_percentile: float = param(99.99984, help="per-row |w| quantile used as the clip value", unit="%", validator=in_range(0.0, 100.0))
     keep_float_max_numel: int = param(65_536, help="float tensors up to this size are stored unquantized", validator=positive)
-
-
-def classify(name: str) -> str:
-    if "tok_emb" in name or "lm_head" in name:
-        return "embed"
-    if ".mlp." in name:
-        return "mlp"
-    if ".attn." in name:
-        return "attn"
-    return "other"
 
 
 def quantize_bits(t: Tensor, bits: int, clip_q: float) -> tuple[Tensor, Tensor]:
@@ -48,25 +40,26 @@ class Int6Percentile:
     fmt = "mixed_int6_int8_per_row_v1"
 
     def __init__(self, params: Int6PercentileParams) -> None:
-        self.categories = {c.strip() for c in params.int6_categories.split(",") if c.strip()}
+        self.categories = categories(params.int6_categories)
         self.clip_q = params.clip_percentile / 100.0
         self.keep_float_max_numel = params.keep_float_max_numel
 
-    def quantize(self, state_dict: dict[str, Tensor]) -> tuple[dict, dict]:
+    def quantize(self, state_dict: dict[str, Tensor], roles: Mapping[str, str]) -> tuple[dict, dict]:
         quantized, scales, dtypes, passthrough, orig_dtypes, qmeta = {}, {}, {}, {}, {}, {}
         stats = {"payload_bytes": 0, "num_int6": 0, "num_int8": 0}
         for name, tensor in state_dict.items():
             t = tensor.detach().to("cpu").contiguous()
             if not t.is_floating_point() or t.numel() <= self.keep_float_max_numel:
-                if t.is_floating_point() and not is_control_tensor(name) and t.dtype in (torch.float32, torch.bfloat16):
+                control = roles.get(name) == CONTROL
+                if t.is_floating_point() and not control and t.dtype in (torch.float32, torch.bfloat16):
                     orig_dtypes[name] = str(t.dtype).removeprefix("torch.")
                     t = t.to(torch.float16).contiguous()
-                elif t.is_floating_point() and is_control_tensor(name):
+                elif t.is_floating_point() and control:
                     t = t.float().contiguous()
                 passthrough[name] = t
                 stats["payload_bytes"] += t.numel() * t.element_size()
                 continue
-            bits = 6 if classify(name) in self.categories else 8
+            bits = 6 if classify(name, proj_as_attn=False) in self.categories else 8
             q, s = quantize_bits(t, bits, self.clip_q)
             qmeta[name] = {"scheme": "per_row", "axis": 0, "bits": bits} if s.ndim > 0 else {"scheme": "per_tensor", "bits": bits}
             quantized[name], scales[name] = q, s

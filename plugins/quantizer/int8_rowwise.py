@@ -8,66 +8,23 @@ rest in fp16); non-float tensors pass through unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import attrs
 import torch
 from torch import Tensor
 
 from pgolf_core.config.fields import in_range, param, positive
 from pgolf_core.hookspecs import hookimpl
-from pgolf_core.model.layers import CONTROL_TENSOR_NAME_PATTERNS, is_control_tensor
+from pgolf_core.model.roles import CONTROL
 from pgolf_core.registry import Technique
+from pgolf.plugins.quantizer.common import dequantize_rows, nbytes, quantize_rows
 
 
 @attrs.define(frozen=True, kw_only=True)
 class Int8RowwiseParams:
     clip_percentile: float = param(99.99984, help="per-row |w| quantile used as the clip value", unit="%", validator=in_range(0.0, 100.0))
     keep_float_max_numel: int = param(65_536, help="float tensors up to this size are stored unquantized", validator=positive)
-
-
-def quantize_rows(t: Tensor, clip_q: float, maxq: int, minq: int) -> tuple[Tensor, Tensor]:
-    """Percentile-clipped symmetric quantization: per row (fp16 scales) for matrices, one fp32 scale otherwise.
-
-    The baseline uses ``[-127, 127]``; PR #400's per-category export uses ``[-2^(b-1), 2^(b-1)-1]``.
-    """
-    t32 = t.float()
-    if t32.ndim == 2:
-        clip_abs = torch.quantile(t32.abs(), clip_q, dim=1) if t32.numel() else torch.empty((t32.shape[0],), dtype=torch.float32)
-        clipped = torch.maximum(torch.minimum(t32, clip_abs[:, None]), -clip_abs[:, None])
-        scale = (clip_abs / float(maxq)).clamp_min(1.0 / float(maxq))
-        q = torch.clamp(torch.round(clipped / scale[:, None]), minq, maxq).to(torch.int8).contiguous()
-        return q, scale.to(dtype=torch.float16).contiguous()
-    clip_abs = float(torch.quantile(t32.abs().flatten(), clip_q).item()) if t32.numel() else 0.0
-    scale = torch.tensor(clip_abs / float(maxq) if clip_abs > 0 else 1.0, dtype=torch.float32)
-    q = torch.clamp(torch.round(torch.clamp(t32, -clip_abs, clip_abs) / scale), minq, maxq).to(torch.int8).contiguous()
-    return q, scale
-
-
-def dequantize_rows(obj: dict, fmt: str) -> dict[str, Tensor]:
-    """Inverse of the ``quantized/scales/dtypes/passthrough`` layout shared by the baseline and PR #400;
-    refuses an artifact written in another format (``__quant_format__``)."""
-    if obj.get("__quant_format__") != fmt:
-        raise ValueError(f"artifact format {obj.get('__quant_format__')!r} is not {fmt!r}")
-    out: dict[str, Tensor] = {}
-    qmeta = obj.get("qmeta", {})
-    orig_dtypes = obj.get("passthrough_orig_dtypes", {})
-    for name, q in obj["quantized"].items():
-        dtype = getattr(torch, obj["dtypes"][name])
-        s = obj["scales"][name]
-        if qmeta.get(name, {}).get("scheme") == "per_row" or s.ndim > 0:
-            s = s.to(dtype=torch.float32)
-            out[name] = (q.float() * s.view(q.shape[0], *([1] * (q.ndim - 1)))).to(dtype=dtype).contiguous()
-        else:
-            out[name] = (q.float() * float(s.item())).to(dtype=dtype).contiguous()
-    for name, t in obj["passthrough"].items():
-        restored = t.detach().to("cpu").contiguous()
-        if isinstance(orig_dtypes.get(name), str):
-            restored = restored.to(dtype=getattr(torch, orig_dtypes[name])).contiguous()
-        out[name] = restored
-    return out
-
-
-def _nbytes(t: Tensor) -> int:
-    return int(t.numel()) * int(t.element_size())
 
 
 class Int8Rowwise:
@@ -81,21 +38,21 @@ class Int8Rowwise:
     def quantize_tensor(self, t: Tensor) -> tuple[Tensor, Tensor]:
         return quantize_rows(t, self.clip_q, maxq=127, minq=-127)
 
-    def quantize(self, state_dict: dict[str, Tensor]) -> tuple[dict, dict]:
+    def quantize(self, state_dict: dict[str, Tensor], roles: Mapping[str, str]) -> tuple[dict, dict]:
         quantized, scales, dtypes, passthrough, orig_dtypes, qmeta = {}, {}, {}, {}, {}, {}
         stats = dict.fromkeys(("param_count", "num_tensors", "num_float_tensors", "num_nonfloat_tensors", "baseline_tensor_bytes", "payload_bytes"), 0)
         for name, tensor in state_dict.items():
             t = tensor.detach().to("cpu").contiguous()
             stats["param_count"] += int(t.numel())
             stats["num_tensors"] += 1
-            stats["baseline_tensor_bytes"] += _nbytes(t)
+            stats["baseline_tensor_bytes"] += nbytes(t)
             if not t.is_floating_point():
                 stats["num_nonfloat_tensors"] += 1
                 passthrough[name] = t
-                stats["payload_bytes"] += _nbytes(t)
+                stats["payload_bytes"] += nbytes(t)
                 continue
             if t.numel() <= self.keep_float_max_numel:
-                if is_control_tensor(name, CONTROL_TENSOR_NAME_PATTERNS):
+                if roles.get(name) == CONTROL:
                     kept = t.float().contiguous()
                 elif t.dtype in (torch.float32, torch.bfloat16):
                     orig_dtypes[name] = str(t.dtype).removeprefix("torch.")
@@ -103,7 +60,7 @@ class Int8Rowwise:
                 else:
                     kept = t
                 passthrough[name] = kept
-                stats["payload_bytes"] += _nbytes(kept)
+                stats["payload_bytes"] += nbytes(kept)
                 continue
             stats["num_float_tensors"] += 1
             q, s = self.quantize_tensor(t)
@@ -111,7 +68,7 @@ class Int8Rowwise:
                 qmeta[name] = {"scheme": "per_row", "axis": 0}
             quantized[name], scales[name] = q, s
             dtypes[name] = str(t.dtype).removeprefix("torch.")
-            stats["payload_bytes"] += _nbytes(q) + _nbytes(s)
+            stats["payload_bytes"] += nbytes(q) + nbytes(s)
         obj = {"__quant_format__": self.fmt, "quantized": quantized, "scales": scales, "dtypes": dtypes, "passthrough": passthrough}
         if qmeta:
             obj["qmeta"] = qmeta

@@ -7,14 +7,17 @@ CastedLinear weights in training mode (log ``late_qat:enabled step:S scale:X``).
 
 The published runs of those PRs compiled the model with ``fullgraph=True`` while the switch was a Python
 class attribute; the compiled graph never saw it flip, so their late QAT did nothing (the #315 record's
-README says so). Here the switch is a buffer the compiled graph reads, so ``mode = "working"`` really
-fake-quantizes after the trigger under ``torch.compile``. ``mode = "inert"`` reproduces the published runs:
-the trigger is logged and nothing changes.
+README says so). Here the fake quantizer sits at each ``CastedLinear``'s ``weight_transform`` site and its
+switch is a buffer the compiled graph reads, so ``mode = "working"`` really fake-quantizes after the trigger
+under ``torch.compile``. ``mode = "inert"`` reproduces the published runs: the trigger is logged and nothing
+is installed, so the step costs nothing more.
 """
 
 from __future__ import annotations
 
 import attrs
+import torch
+from torch import Tensor, nn
 
 from pgolf_core.config.fields import in_range, one_of, param
 from pgolf_core.hookspecs import hookimpl
@@ -34,10 +37,30 @@ class LateQATParams:
     from_start: bool = param(False, help="fake-quantize from step 0 (the reference's QAT_ENABLED)", env="QAT_ENABLED")
 
 
+class FakeQuant(nn.Module):
+    """Straight-through row-wise abs-max fake quantization of a weight while training and switched on:
+    ``w + on * stop_grad(q(w) - w)`` with ``q`` the int-``bits`` rounding; ``on`` is a 0/1 buffer."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.qmax = 2 ** (bits - 1) - 1
+        self.register_buffer("on", torch.zeros((), dtype=torch.float32), persistent=False)
+
+    def forward(self, weight: Tensor, w: Tensor) -> Tensor:
+        if not self.training:
+            return w
+        qmax = self.qmax
+        with torch.no_grad():
+            w32 = weight.float()
+            scale = (w32.abs().amax(dim=1) / qmax).clamp_min(1.0 / qmax)
+            w_q = (torch.clamp(torch.round(w32 / scale[:, None]), -qmax - 1, qmax) * scale[:, None]).to(w.dtype)
+        return w + self.on.to(w.dtype) * (w_q - w).detach()
+
+
 class LateQAT:
     def __init__(self, params: LateQATParams) -> None:
         self.params = params
-        self.linears: list[CastedLinear] = []
+        self.quantizers: list[FakeQuant] = []
         self.enabled = False
         self.enabled_step: int | None = None
 
@@ -47,15 +70,14 @@ class LateQAT:
     def attach(self, model) -> None:
         if self.params.mode == "inert":
             return  # like the compiled reference graph: no fake-quant branch at all, so no extra work per step
-        self.linears = [m for m in model.modules() if isinstance(m, CastedLinear)]
-        for m in self.linears:
-            m.enable_fake_quant(self.params.bits)
+        for m in [m for m in model.modules() if isinstance(m, CastedLinear)]:
+            m.weight_transform = FakeQuant(self.params.bits).to(m.weight.device)
+            self.quantizers.append(m.weight_transform)
 
     def _switch_on(self) -> None:
         self.enabled = True
-        if self.params.mode == "working":
-            for m in self.linears:
-                m.fake_quant_on.fill_(1.0)
+        for q in self.quantizers:
+            q.on.fill_(1.0)
 
     def on_train_start(self, state) -> None:
         if self.params.from_start and not self.enabled:

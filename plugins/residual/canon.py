@@ -1,9 +1,10 @@
 """Canon layers: short causal depthwise convolutions over time inside the block, with a residual and an
 optional sigmoid "delta gate" (``h + sigmoid(a) * conv(h)``).
 
-From PR #400 (CANON-AC(last5)+DeltaGate, after PhysicsLM4's Canon layers). Positions:
-A on the pre-attention norm output (after LN scale), B on concat(q, k, v) right after the projections,
-C on the pre-MLP norm output, D on relu(fc(x)) before the square. ``conv(h)_t = sum_k w[c,k] h_{t-K+1+k}``
+From PR #400 (CANON-AC(last5)+DeltaGate, after PhysicsLM4's Canon layers). Positions, each a host site:
+A on the pre-attention norm output (the block's ``attn_in``, after LN scale), B on concat(q, k, v) right
+after the projections (the attention's ``qkv``), C on the pre-MLP norm output (the block's ``mlp_in``), D on
+relu(fc(x)) before the square (the MLP's ``hidden``). ``conv(h)_t = sum_k w[c,k] h_{t-K+1+k}``
 (zero history), an ``nn.Conv1d`` with groups = channels and its default init, which no init slot touches.
 Parameter order per layer is the reference's: ``delta_gate_logit`` then the conv.
 """
@@ -19,7 +20,7 @@ from pgolf_core.config.fields import param, positive
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
 
-POSITIONS = {"A": ("residual", "canon_a"), "B": ("attention", "canon_b"), "C": ("residual", "canon_c"), "D": ("mlp", "canon_d")}
+POSITIONS = {"A": ("residual", "attn_in"), "B": ("attention", "qkv"), "C": ("residual", "mlp_in"), "D": ("mlp", "hidden")}
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -52,7 +53,8 @@ class CanonLayer(nn.Module):
             self.register_parameter("delta_gate_logit", None)
         self.conv = nn.Conv1d(dim, dim, kernel_size=p.kernel, groups=dim, bias=p.bias, padding=p.kernel - 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *context) -> Tensor:
+        """``x`` (B, T, C) → same shape; at a site the host's extra arguments are ignored."""
         y = self.conv(x.transpose(1, 2))[..., : x.size(1)].transpose(1, 2)
         if self.activation:
             y = F.silu(y)
@@ -62,23 +64,37 @@ class CanonLayer(nn.Module):
         return x + y if self.residual else y
 
 
+class CanonQKV(nn.Module):
+    """Position B at the attention's ``qkv`` site: one Canon layer over concat(q, k, v), split back."""
+
+    def __init__(self, dim: int, kv_dim: int, p: CanonParams) -> None:
+        super().__init__()
+        self.widths = (dim, kv_dim, kv_dim)
+        self.canon = CanonLayer(dim + 2 * kv_dim, p)
+
+    def forward(self, qkv: tuple[Tensor, Tensor, Tensor], x: Tensor, aux=None) -> tuple[Tensor, Tensor, Tensor]:
+        return self.canon(torch.cat(qkv, dim=-1)).split(self.widths, dim=-1)
+
+
+def _module_for(position: str, host: nn.Module, p: CanonParams) -> nn.Module:
+    """The position's module, sized from the host it sits in."""
+    if position == "B":
+        return CanonQKV(host.dim, host.kv_dim, p)
+    if position == "D":
+        return CanonLayer(host.hidden, p)
+    return CanonLayer(host.dim, p)
+
+
 class Canon:
     def __init__(self, params: CanonParams) -> None:
         self.params = params
 
     def transform(self, spec, layers, name) -> None:
-        m = spec.model
-        head_dim = m.model_dim // m.num_heads
         p = self.params
         for i in layers:
-            mlp_hidden = int(spec.layers[i].mlp.params.mult * m.model_dim) if hasattr(spec.layers[i].mlp.params, "mult") else None
-            widths = {"A": m.model_dim, "C": m.model_dim, "B": m.model_dim + 2 * m.num_kv_heads * head_dim, "D": mlp_hidden}
             for pos in p.positions:
-                slot, key = POSITIONS[pos]
-                width = widths[pos]
-                if width is None:
-                    raise ValueError(f"position D needs an MLP with a 'mult' parameter (layer {i})")
-                spec.claim(slot, i, key, (lambda w=width: CanonLayer(w, p)), by=name)
+                slot, site = POSITIONS[pos]
+                spec.install(slot, i, site, lambda host, pos=pos: _module_for(pos, host, p), by=name)
 
 
 def _first_n(v: str):

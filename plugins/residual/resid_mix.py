@@ -1,13 +1,14 @@
 """Pre-norm block with a learned mix of the residual stream and the embedding output x0.
 
 From the official baseline ``train_gpt.py``: ``x = m0*x + m1*x0``; ``x += attn_scale * attn(norm(x))``;
-``x += mlp_scale * mlp(norm(x))``, with ``resid_mix`` initialised to (1, 0) and the scales to 1.
+``x += mlp_scale * mlp(norm(x))``, with ``resid_mix`` initialised to (1, 0) and the scales to 1. The pieces
+are methods (``mix``, ``attn_delta``, ``mlp_delta``) so that a technique that wires them differently
+(parallel blocks, two lanes) reuses them unchanged.
 
-Options modifiers may set: ``ln_scale`` (a float multiplying both norm outputs, from ``ln_scale``);
-``catalytic`` (extra per-channel gates on both branches, from ``catalytic_residuals``); ``canon_a`` /
-``canon_c`` (factories of modules applied to the attention / MLP inputs, from ``canon``); ``parallel``:
-``True`` (attention and MLP both read the mixed input, from ``parallel_residual``) or ``("two_lane",
-route_init)`` (``forward_lanes`` with an attention and an MLP lane, from ``two_lane_parallel``).
+Sites: ``attn_in`` / ``mlp_in`` on each branch's normed input (LN scale, Canon A/C) and ``attn_gain`` /
+``mlp_gain`` on each branch's per-channel gain (catalytic gates). Part ``wiring``: how the branches compose
+(default: ``sequential``, as above). Parameter creation order, as the records extended it: the scales, the
+gain sites' modules, ``resid_mix``, the wiring's own parameters, then the input sites' modules.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import Tensor, nn
 
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.layers import RMSNorm
+from pgolf_core.model.roles import control
+from pgolf_core.model.sites import NO_SITES, SiteBuilder
 from pgolf_core.registry import Technique
 
 
@@ -27,88 +30,74 @@ class ResidMixParams:
 
 
 class ResidMixBlock(nn.Module):
-    def __init__(
-        self, dim: int, attn: nn.Module, mlp: nn.Module, ln_scale: float = 1.0, catalytic: bool = False, canon_a=None, canon_c=None,
-        parallel: bool = False, two_lane_routes: tuple[float, ...] | None = None,
-    ) -> None:
+    SITES = {
+        "attn_in": "(h (B,T,d)) -> h: the normed input of the attention branch",
+        "mlp_in": "(h (B,T,d)) -> h: the normed input of the MLP branch",
+        "attn_gain": "(gain (1,1,d)) -> gain: the attention branch's per-channel gain",
+        "mlp_gain": "(gain (1,1,d)) -> gain: the MLP branch's per-channel gain",
+    }
+    PARTS = {"wiring": "nn.Module: (block, x, x0, aux) -> x, composing block.mix, block.attn_delta, block.mlp_delta (default: sequential)"}
+
+    def __init__(self, dim: int, attn: nn.Module, mlp: nn.Module, sites: SiteBuilder = NO_SITES, layer: int = 0) -> None:
         super().__init__()
-        self.parallel = parallel  # a Python flag: the compiled graph specialises on it
-        self.two_lane = two_lane_routes is not None
-        self.ln_scale_factor = ln_scale
+        self.dim, self.layer = dim, layer
         self.attn_norm = RMSNorm()
         self.mlp_norm = RMSNorm()
         self.attn = attn
         self.mlp = mlp
-        self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
-        self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
-        self.catalytic = catalytic
-        if catalytic:
-            self.attn_gate = nn.Parameter(torch.ones(dim, dtype=torch.float32))
-            self.mlp_gate = nn.Parameter(torch.ones(dim, dtype=torch.float32))
-        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
-        if self.two_lane:  # PR #1289 created these right after resid_mix
-            self.resid_mix_mlp = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
-            self.route = nn.Parameter(torch.tensor([float(r) for r in two_lane_routes], dtype=torch.float32))
-        self.canon_a = canon_a() if canon_a is not None else None
-        self.canon_c = canon_c() if canon_c is not None else None
-
-    def _attn_delta(self, u: Tensor, aux: dict[str, Tensor] | None) -> Tensor:
-        """``attn_scale (⊙ attn_gate) ⊙ Attn(norm(u)·s)``: the attention branch's addition to the stream."""
-        s = self.ln_scale_factor
-        attn_in = self.attn_norm(u) * s if s != 1.0 else self.attn_norm(u)
-        if self.canon_a is not None:
-            attn_in = self.canon_a(attn_in)
-        attn_out = self.attn(attn_in, aux) if aux else self.attn(attn_in)
-        gain = self.attn_scale.to(dtype=u.dtype)[None, None, :]
-        if self.catalytic:
-            gain = gain * self.attn_gate.to(dtype=u.dtype)[None, None, :]
-        return gain * attn_out
-
-    def _mlp_delta(self, u: Tensor) -> Tensor:
-        """``mlp_scale (⊙ mlp_gate) ⊙ MLP(norm(u)·s)``: the MLP branch's addition to the stream."""
-        s = self.ln_scale_factor
-        mlp_in = self.mlp_norm(u) * s if s != 1.0 else self.mlp_norm(u)
-        if self.canon_c is not None:
-            mlp_in = self.canon_c(mlp_in)
-        gain = self.mlp_scale.to(dtype=u.dtype)[None, None, :]
-        if self.catalytic:
-            gain = gain * self.mlp_gate.to(dtype=u.dtype)[None, None, :]
-        return gain * self.mlp(mlp_in)
+        self.attn_scale = control(nn.Parameter(torch.ones(dim, dtype=torch.float32)))
+        self.mlp_scale = control(nn.Parameter(torch.ones(dim, dtype=torch.float32)))
+        self.attn_gain = sites.site("attn_gain", self)
+        self.mlp_gain = sites.site("mlp_gain", self)
+        self.resid_mix = control(nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float()))
+        self.wiring = sites.part("wiring", self)
+        self.attn_in = sites.site("attn_in", self)
+        self.mlp_in = sites.site("mlp_in", self)
 
     @staticmethod
-    def _mix(weights: Tensor, x: Tensor, x0: Tensor) -> Tensor:
+    def mix_with(weights: Tensor, x: Tensor, x0: Tensor) -> Tensor:
         w = weights.to(dtype=x.dtype)
         return w[0][None, None, :] * x + w[1][None, None, :] * x0
 
-    def forward(self, x: Tensor, x0: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
-        x = self._mix(self.resid_mix, x, x0)
-        if self.parallel:  # both branches read the mixed input (PR #1392's parallel blocks)
-            return x + self._attn_delta(x, aux) + self._mlp_delta(x)
-        x = x + self._attn_delta(x, aux)
-        return x + self._mlp_delta(x)
+    def mix(self, x: Tensor, x0: Tensor) -> Tensor:
+        """``resid_mix[0] ⊙ x + resid_mix[1] ⊙ x0``: what the block reads."""
+        return self.mix_with(self.resid_mix, x, x0)
 
-    def forward_lanes(self, x_a: Tensor, x_m: Tensor, x0: Tensor, aux: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """PR #1289's two-lane block: attention reads the attention lane, the MLP the MLP lane; ``route`` writes both."""
-        r = self.route.to(dtype=x_a.dtype)
-        attn_delta = self._attn_delta(self._mix(self.resid_mix, x_a, x0), aux)
-        mlp_delta = self._mlp_delta(self._mix(self.resid_mix_mlp, x_m, x0))
-        return x_a + r[0] * attn_delta + r[2] * mlp_delta, x_m + r[1] * attn_delta + r[3] * mlp_delta
+    def attn_delta(self, u: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
+        """``attn_scale ⊙ Attn(norm(u))``: the attention branch's addition to the stream."""
+        h = self.attn_norm(u)
+        if self.attn_in is not None:
+            h = self.attn_in(h)
+        out = self.attn(h, aux) if aux else self.attn(h)
+        gain = self.attn_scale.to(dtype=u.dtype)[None, None, :]
+        if self.attn_gain is not None:
+            gain = self.attn_gain(gain)
+        return gain * out
+
+    def mlp_delta(self, u: Tensor) -> Tensor:
+        """``mlp_scale ⊙ MLP(norm(u))``: the MLP branch's addition to the stream."""
+        h = self.mlp_norm(u)
+        if self.mlp_in is not None:
+            h = self.mlp_in(h)
+        gain = self.mlp_scale.to(dtype=u.dtype)[None, None, :]
+        if self.mlp_gain is not None:
+            gain = self.mlp_gain(gain)
+        return gain * self.mlp(h)
+
+    def sequential(self, x: Tensor, x0: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
+        """The baseline's composition: attention, then the MLP on the updated stream."""
+        x = self.mix(x, x0)
+        x = x + self.attn_delta(x, aux)
+        return x + self.mlp_delta(x)
+
+    def forward(self, x: Tensor, x0: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
+        if self.wiring is not None:
+            return self.wiring(self, x, x0, aux)
+        return self.sequential(x, x0, aux)
 
 
 def build(params: ResidMixParams, ctx, attn: nn.Module, mlp: nn.Module) -> ResidMixBlock:
-    parallel = ctx.option("parallel", False)
-    two_lane = parallel[1] if isinstance(parallel, tuple) and parallel[0] == "two_lane" else None
-    return ResidMixBlock(
-        ctx.model.model_dim,
-        attn,
-        mlp,
-        ln_scale=ctx.option("ln_scale", 1.0),
-        catalytic=bool(ctx.option("catalytic", False)),
-        canon_a=ctx.option("canon_a"),
-        canon_c=ctx.option("canon_c"),
-        parallel=parallel is True,
-        two_lane_routes=two_lane,
-    )
+    return ResidMixBlock(ctx.model.model_dim, attn, mlp, ctx, ctx.layer or 0)
 
 
 @hookimpl

@@ -11,18 +11,26 @@ carries two streams, ``x_a`` and ``x_m``, equal until the first selected layer. 
 with ``resid_mix_mlp`` (2, d) initialised (1, 0) and ``route`` (4,) to ``route_init``. A block that is not
 selected reads ``x_a`` and writes its output to both lanes. A decoder skip is added to ``x_a``, and also to
 ``x_m`` when the block is selected. After the last block ``x = m·x_a + (1 − m)·x_m`` with one scalar
-``lane_merge`` initialised to ``merge_init``. ``resid_mix_mlp`` and ``route`` go to the scalar Adam group.
+``lane_merge`` initialised to ``merge_init``. ``resid_mix_mlp`` is a control tensor (as its name made it in
+the reference); ``route`` and ``lane_merge`` are ordinary small weights.
 
-The U-Net encoder stores only ``x_a`` as its skip, so (as in PR #1289) every selected layer must be a decoder
-layer. ``PARALLEL_START_LAYER=N`` selects layers ``N:``; 0 or less selects none (PR #1289's "off").
+Two parts carry it: each selected block's ``wiring`` (``LaneWiring``: the block's own ``resid_mix_mlp`` and
+``route``, created right after its ``resid_mix`` as in PR #1289; a single-stream call runs the block
+sequentially) and the topology's ``decoder`` (``TwoLaneDecoder``: the lanes, the skips, ``lane_merge``,
+created after the skip weights). The U-Net encoder stores only ``x_a`` as its skip, so (as in PR #1289) every
+selected layer must be a decoder layer, and none may be one the topology's schedule repeats.
+``PARALLEL_START_LAYER=N`` selects layers ``N:``; 0 or less selects none (PR #1289's "off").
 """
 
 from __future__ import annotations
 
 import attrs
+import torch
+from torch import Tensor, nn
 
 from pgolf_core.config.fields import param
 from pgolf_core.hookspecs import hookimpl
+from pgolf_core.model.roles import control
 from pgolf_core.registry import Technique
 
 
@@ -40,12 +48,56 @@ class TwoLaneParams:
     merge_init: float = param(0.5, help="initial lane_merge weight of the attention lane")
 
 
-@attrs.define(frozen=True)
-class LanesOption:
-    """What the topology needs: which layers run two lanes, and the merge scalar's initial value."""
+class LaneWiring(nn.Module):
+    """A selected block's lane parameters and its two-lane step."""
 
-    layers: tuple[int, ...]
-    merge_init: float
+    def __init__(self, dim: int, route_init: tuple[float, ...]) -> None:
+        super().__init__()
+        self.resid_mix_mlp = control(nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float()))
+        self.route = nn.Parameter(torch.tensor([float(r) for r in route_init], dtype=torch.float32))
+
+    def forward(self, block: nn.Module, x: Tensor, x0: Tensor, aux=None) -> Tensor:
+        return block.sequential(x, x0, aux)
+
+    def lanes(self, block: nn.Module, x_a: Tensor, x_m: Tensor, x0: Tensor, aux) -> tuple[Tensor, Tensor]:
+        r = self.route.to(dtype=x_a.dtype)
+        attn_delta = block.attn_delta(block.mix(x_a, x0), aux)
+        mlp_delta = block.mlp_delta(block.mix_with(self.resid_mix_mlp, x_m, x0))
+        return x_a + r[0] * attn_delta + r[2] * mlp_delta, x_m + r[1] * attn_delta + r[3] * mlp_delta
+
+
+class TwoLaneDecoder(nn.Module):
+    """The topology's decoder with lanes on ``layers``, merged by ``lane_merge`` after the last block."""
+
+    def __init__(self, layers: tuple[int, ...], merge_init: float) -> None:
+        super().__init__()
+        self.layers = layers
+        self.lane_merge = nn.Parameter(torch.tensor(float(merge_init), dtype=torch.float32))
+
+    def forward(self, topo: nn.Module, x: Tensor, x0: Tensor, blocks: nn.ModuleList, aux, skips: list[Tensor]) -> Tensor:
+        x_a, x_m = x, x
+        for j, b in enumerate(topo.decoder_blocks()):
+            lanes = b in self.layers
+            if skips and j < topo.num_skips:
+                skip = skips.pop()
+                x_a = topo.add_skip(x_a, j, skip)
+                if lanes:
+                    x_m = topo.add_skip(x_m, j, skip)
+            if lanes:
+                x_a, x_m = blocks[b].wiring.lanes(blocks[b], x_a, x_m, x0, aux)
+            else:
+                x_a = topo.run(b, x_a, x0, blocks, aux)
+                x_m = x_a
+        m = self.lane_merge.to(dtype=x_a.dtype)
+        return m * x_a + (1.0 - m) * x_m
+
+
+def _decoder(host: nn.Module, layers: tuple[int, ...], merge_init: float) -> TwoLaneDecoder:
+    schedule = host.schedule
+    repeated = sorted(set(layers) & set(schedule.repeats)) if schedule is not None else []
+    if repeated:
+        raise ValueError(f"the topology's schedule repeats two-lane layers {repeated}; drop them from one modifier's layers")
+    return TwoLaneDecoder(layers, merge_init)
 
 
 class TwoLaneParallel:
@@ -62,10 +114,11 @@ class TwoLaneParallel:
             )
         if not layers:
             return
+        p = self.params
         for i in layers:
-            # The same key as parallel_residual: both on one layer is reported as a conflict.
-            spec.claim("residual", i, "parallel", ("two_lane", tuple(self.params.route_init)), by=name)
-        spec.claim("topology", None, "lanes", LanesOption(tuple(layers), self.params.merge_init), by=name)
+            # The block's wiring: parallel_residual on the same layer is reported as a conflict.
+            spec.replace("residual", i, "wiring", lambda host: LaneWiring(host.dim, tuple(p.route_init)), by=name)
+        spec.replace("topology", None, "decoder", lambda host: _decoder(host, tuple(layers), p.merge_init), by=name)
 
 
 def _from_start_layer(value: str):

@@ -2,6 +2,16 @@
 
 From the official baseline ``train_gpt.py``: ``num_layers // 2`` encoder blocks; before each decoder block
 ``x += skip_weights[i] * skips.pop()``; skip weights are ones, one vector per skip.
+
+Parts:
+
+* ``schedule``: which physical block runs at each position, and how (depth recurrence owns it). Default:
+  each block once, ``encoder = 0..L/2-1``, ``decoder = L/2..L-1``. A schedule provides ``encoder()`` and
+  ``decoder()`` (block indices per position), ``num_skips`` and ``run(block, x, x0, blocks, aux) -> (x,
+  skip)``: the output and, in the encoder, the tensor stored as the skip. It is created first, before the
+  skip weights (PR #1392 created its recurrence scales first).
+* ``decoder``: the decoder's data flow, given the encoder's output and skips (two-lane blocks replace it);
+  created after the skip weights. ``add_skip(x, j, skip)`` is the baseline's skip addition, for it to reuse.
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from pgolf_core.hookspecs import hookimpl
+from pgolf_core.model.roles import control
+from pgolf_core.model.sites import NO_SITES, SiteBuilder
 from pgolf_core.registry import Technique
 
 
@@ -20,79 +32,56 @@ class UNetParams:
 
 
 class UNetSkips(nn.Module):
-    def __init__(self, num_layers: int, dim: int, recurrence=None, lanes=None) -> None:
+    PARTS = {
+        "schedule": "nn.Module: encoder(), decoder() -> block indices; num_skips; run(block, x, x0, blocks, aux) -> (x, skip)",
+        "decoder": "nn.Module: (topology, x, x0, blocks, aux, skips) -> x, the decoder half",
+    }
+
+    def __init__(self, num_layers: int, dim: int, sites: SiteBuilder = NO_SITES) -> None:
         super().__init__()
-        # Two lanes (option from the two_lane_parallel modifier, PR #1289): the decoder layers listed run
-        # ``forward_lanes``; the lanes are merged by one learned scalar after the last block.
-        self.lane_layers: tuple[int, ...] = tuple(lanes.layers) if lanes is not None else ()
-        if recurrence is not None and set(recurrence.layers) & set(self.lane_layers) and not recurrence.encoder_only:
-            both = sorted(set(recurrence.layers) & set(self.lane_layers))
-            raise ValueError(f"depth_recurrence cannot repeat two-lane layers {both}; drop them from one modifier's layers")
-        # Depth recurrence (option from the depth_recurrence modifier): its blend vectors come first, as the
-        # reference created them first; a plain Python flag switches it on (one recompile when compiled).
-        self.recur_layers: tuple[int, ...] = tuple(recurrence.layers) if recurrence is not None else ()
-        self.recur_encoder_only = bool(recurrence.encoder_only) if recurrence is not None else True
-        self.recur_active = False
-        self.recur_scales = nn.ParameterList(
-            [nn.Parameter(torch.full((dim,), float(recurrence.scale_init), dtype=torch.float32)) for _ in self.recur_layers]
-        )
-        if recurrence is not None and not recurrence.train_scales:
-            for s in self.recur_scales:
-                s._pgolf_untrained = True  # in no optimizer group (PR #1392)
+        self.num_layers, self.dim = num_layers, dim
         self.num_encoder_layers = num_layers // 2
         self.num_decoder_layers = num_layers - self.num_encoder_layers
-        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim, dtype=torch.float32))
-        if lanes is not None:
-            self.lane_merge = nn.Parameter(torch.tensor(float(lanes.merge_init), dtype=torch.float32))
+        self.schedule = sites.part("schedule", self)
+        self.num_skips = self.schedule.num_skips if self.schedule is not None else min(self.num_encoder_layers, self.num_decoder_layers)
+        self.skip_weights = control(nn.Parameter(torch.ones(self.num_skips, dim, dtype=torch.float32)))
+        self.decoder = sites.part("decoder", self)
+
+    def encoder_blocks(self) -> list[int]:
+        return self.schedule.encoder() if self.schedule is not None else list(range(self.num_encoder_layers))
+
+    def decoder_blocks(self) -> list[int]:
+        return self.schedule.decoder() if self.schedule is not None else list(range(self.num_encoder_layers, self.num_layers))
+
+    def run(self, b: int, x: Tensor, x0: Tensor, blocks: nn.ModuleList, aux: dict[str, Tensor]) -> Tensor:
+        """Block ``b`` at a decoder position, as the schedule runs it."""
+        if self.schedule is not None:
+            return self.schedule.run(b, x, x0, blocks, aux)[0]
+        return blocks[b](x, x0, aux)
+
+    def add_skip(self, x: Tensor, j: int, skip: Tensor) -> Tensor:
+        return x + self.skip_weights[j].to(dtype=x.dtype)[None, None, :] * skip
 
     def forward(self, x: Tensor, x0: Tensor, blocks: nn.ModuleList, aux: dict[str, Tensor] | None = None) -> Tensor:
         aux = {} if aux is None else aux
         skips: list[Tensor] = []
-        for i in range(self.num_encoder_layers):
-            x = blocks[i](x, x0, aux)
-            skips.append(x)
-            if self.recur_active and i in self.recur_layers:
-                x = self._repeat(blocks, i, x, x0, aux)
-        if self.lane_layers:
-            return self._decoder_two_lanes(x, x0, blocks, aux, skips)
-        for i in range(self.num_decoder_layers):
-            if skips:
-                x = x + self.skip_weights[i].to(dtype=x.dtype)[None, None, :] * skips.pop()
-            bi = self.num_encoder_layers + i
-            x = blocks[bi](x, x0, aux)
-            if self.recur_active and not self.recur_encoder_only and bi in self.recur_layers:
-                x = self._repeat(blocks, bi, x, x0, aux)
-        return x
-
-    def _decoder_two_lanes(self, x: Tensor, x0: Tensor, blocks: nn.ModuleList, aux: dict[str, Tensor], skips: list[Tensor]) -> Tensor:
-        x_a, x_m = x, x
-        for i in range(self.num_decoder_layers):
-            bi = self.num_encoder_layers + i
-            lanes = bi in self.lane_layers
-            if skips:
-                skip = self.skip_weights[i].to(dtype=x_a.dtype)[None, None, :] * skips.pop()
-                x_a = x_a + skip
-                if lanes:
-                    x_m = x_m + skip
-            if lanes:
-                x_a, x_m = blocks[bi].forward_lanes(x_a, x_m, x0, aux)
+        for b in self.encoder_blocks():
+            if self.schedule is not None:
+                x, skip = self.schedule.run(b, x, x0, blocks, aux)
             else:
-                x_a = blocks[bi](x_a, x0, aux)
-                if self.recur_active and not self.recur_encoder_only and bi in self.recur_layers:
-                    x_a = self._repeat(blocks, bi, x_a, x0, aux)
-                x_m = x_a
-        m = self.lane_merge.to(dtype=x_a.dtype)
-        return m * x_a + (1.0 - m) * x_m
-
-    def _repeat(self, blocks: nn.ModuleList, i: int, x: Tensor, x0: Tensor, aux: dict[str, Tensor]) -> Tensor:
-        scale = self.recur_scales[self.recur_layers.index(i)]
-        out = blocks[i](x, x0, aux)
-        return x + scale.to(dtype=x.dtype)[None, None, :] * (out - x)
+                x = skip = blocks[b](x, x0, aux)
+            skips.append(skip)
+        if self.decoder is not None:
+            return self.decoder(self, x, x0, blocks, aux, skips)
+        for j, b in enumerate(self.decoder_blocks()):
+            if skips and j < self.num_skips:
+                x = self.add_skip(x, j, skips.pop())
+            x = self.run(b, x, x0, blocks, aux)
+        return x
 
 
 def build(params: UNetParams, ctx) -> UNetSkips:
-    return UNetSkips(ctx.model.num_layers, ctx.model.model_dim, ctx.option("recurrence"), ctx.option("lanes"))
+    return UNetSkips(ctx.model.num_layers, ctx.model.model_dim, ctx)
 
 
 @hookimpl

@@ -77,6 +77,12 @@ model_dim = 64
 num_heads = 4
 num_kv_heads = 2
 
+[tokenizer]
+use = "sentencepiece"
+
+[loader]
+use = "sequential"
+
 [embedding]
 use = "token"
 
@@ -94,6 +100,9 @@ use = "unet"
 
 [head]
 use = "softcap"
+
+[loss]
+use = "cross_entropy"
 
 [init]
 use = "baseline"
@@ -119,7 +128,7 @@ use = "full_val"
 """
 """Every slot filled with the official baseline's technique; sizes small enough for a CPU test."""
 
-MODULE_SLOTS = ("embedding", "attention", "mlp", "residual", "topology", "head", "init", "modifier")
+MODULE_SLOTS = ("embedding", "attention", "mlp", "residual", "topology", "head", "loss", "init", "modifier")
 """Slots whose techniques end up inside the model (and so inside the compiled graph)."""
 
 
