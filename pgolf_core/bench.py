@@ -385,7 +385,7 @@ def measure(stack: Any, registry: Any, steps: int, warmup_steps: int, peak_tflop
             results = trainer.evaluator.evaluate(trainer.model, trainer.eval_env, trainer.quantizer.label, trainer.compressor.label)
             runtime.sync()
             eval_wall_ms = 1000.0 * (time.perf_counter() - t)
-            evals = [{"name": r[0], "val_loss": r[1], "val_bpb": r[2], "eval_ms": r[3]} for r in results]
+            evals = [{"name": r.name, "val_loss": r.val_loss, "val_bpb": r.val_bpb, "eval_ms": r.eval_ms} for r in results]
         device_name = torch.cuda.get_device_name(runtime.device) if runtime.is_cuda else "cpu"
         row = PgolfRow(
             step_ms=step_ms,

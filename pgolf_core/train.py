@@ -1,5 +1,5 @@
-"""The pipeline: data → model build → train (wallclock cap) → average → quantize → compress → size
-accounting → round trip → evaluate → report.
+"""The pipeline: data → model build → train (wallclock cap), then ``pgolf_core.finalize``: average → quantize →
+compress → size accounting → round trip → evaluate → report.
 
 The loop follows the official ``train_gpt.py`` step for step (same data order, same warmup-and-restore,
 same schedule evaluation points, same log lines), so that a stack reproduces its reference's losses.
@@ -9,8 +9,6 @@ Techniques are reached only at build time and at loop boundaries.
 from __future__ import annotations
 
 import copy
-import datetime as _dt
-import json
 import platform
 import random
 import time
@@ -25,19 +23,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import __version__
-from .artifact import build_artifact, code_bytes, load_artifact
 from .config.dump import stack_to_toml
 from .config.schema import Stack
-from .compliance import final_line_compliance, quantizer_compliance
-from .contracts import LOOP_EVENTS, Calibrating, FinalEvalAware, Stateful, loop_handlers
+from .contracts import LOOP_EVENTS, Stateful, loop_handlers
+from .finalize import export_and_evaluate, write_results
 from .data import TRAIN_PATTERN, VAL_PATTERN, load_shard, load_validation_tokens, read_shard_header, shard_files
-from .errors import BudgetError, DataError, NonFiniteError, PgolfError
+from .errors import NonFiniteError, PgolfError
 
-EVAL_BUDGET_SECONDS = 600.0  # the challenge's evaluation limit (8xH100); CPU runs report against it only for orientation
 from .evaluate import EvalEnv, ValData, eval_val
 from .model.gpt import build_model, count_parameters
 from .model.layers import cast_for_device
-from .model.roles import is_frozen, parameter_roles
+from .model.roles import is_frozen
 from .model.spec import BuildContext
 from .registry import Registry
 from .rundir import RunDir
@@ -188,7 +184,7 @@ class Trainer:
             data_files.val, data.train_seq_len, data.val_batch_size, runtime.grad_accum_steps, runtime.rank,
             runtime.world_size, device, runtime.autocast, base_model=self.base_model, compile=runtime.compile,
         )
-        self.loader = self._new_loader()
+        self.loader = self.new_loader()
         self.state = TrainState(stack, runtime, self.base_model, self.optimizers, log, iterations=args.iterations)
         objects = [self.schedule, self.averaging, self.quantizer, self.compressor, self.evaluator, *modifier_objects]
         self.events = Events(objects, registry)
@@ -200,7 +196,7 @@ class Trainer:
         self.checkpoint_fn: Any = None  # called with the step after a step that is a multiple of checkpoint_every
         self.stop_requested: Any = lambda: False  # a signal asked us to stop after this step
 
-    def _new_loader(self) -> Any:
+    def new_loader(self) -> Any:
         rt = self.runtime
         return self.loader_factory(self.data_files.train_files, rt.rank, rt.world_size, rt.device, self.stack.model.vocab_size)
 
@@ -292,7 +288,7 @@ class Trainer:
         self.optimizers.zero_grad()
         if self.ddp:
             self.model.require_backward_grad_sync = True
-        self.loader = self._new_loader()
+        self.loader = self.new_loader()
 
     # -- checkpoint state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -412,98 +408,6 @@ class Trainer:
             )
         return step, training_time_ms
 
-    def export_and_evaluate(self, rundir: RunDir, resolved_toml: str) -> tuple[Any, list]:
-        """Average → pre-quantization score → calibrate → quantize (+fit) → compress → size accounting → write →
-        round trip (decode check) → final evaluation, each phase timed."""
-        args, rt, log = self.stack.run, self.runtime, self.log
-        quantizer, compressor = self.quantizer, self.compressor
-        weights = self.averaging.export_weights(self.base_model)
-        self.base_model.load_state_dict(weights, strict=True)
-        rt.sync()
-        t0 = time.perf_counter()
-        pre_loss, pre_bpb = eval_val(self.model, self.eval_env)
-        rt.sync()
-        pre_ms = 1000.0 * (time.perf_counter() - t0)
-        log(f"DIAGNOSTIC post_{self.stack.technique('averaging')} val_loss:{pre_loss:.4f} val_bpb:{pre_bpb:.4f} eval_time:{pre_ms:.0f}ms")
-        self.metric(kind="prequant", val_loss=pre_loss, val_bpb=pre_bpb, eval_time_ms=pre_ms)
-        self.prequant = (pre_loss, pre_bpb)
-        if args.save_raw_model:
-            rundir.write_bytes("final_model.pt", _serialize(weights))
-        if isinstance(quantizer, Calibrating):
-            t0 = time.perf_counter()
-            quantizer.calibrate(self._calibration_context())
-            rt.sync()
-            calib_ms = 1000.0 * (time.perf_counter() - t0)
-            log(f"calibration:done time:{calib_ms:.0f}ms (after the training clock; counted in no budget, as in PR #1019)")
-            self.metric(kind="phase", name="calibration", time_ms=calib_ms)
-        bytes_code = code_bytes(self.stack, self.registry, resolved_toml)
-        t0 = time.perf_counter()
-        roles = parameter_roles(self.base_model)
-        artifact, obj = build_artifact(weights, roles, quantizer, compressor, bytes_code, return_object=True)
-        self.metric(kind="phase", name="quantize_compress", time_ms=1000.0 * (time.perf_counter() - t0))
-        label = f"{quantizer.label}+{compressor.label}"
-        log(f"Serialized model {label}: {artifact.bytes_model} bytes (payload:{artifact.stats['payload_bytes']} raw_torch:{artifact.raw_bytes})")
-        log(f"Code size: {bytes_code} bytes")
-        log(f"Total submission size {label}: {artifact.bytes_total} bytes")
-        if artifact.bytes_total > args.artifact_cap_bytes:
-            raise BudgetError(
-                f"artifact is {artifact.bytes_total} bytes (code {bytes_code} + model {artifact.bytes_model}), over the "
-                f"{args.artifact_cap_bytes}-byte cap by {artifact.bytes_total - args.artifact_cap_bytes}; shrink the model or "
-                "quantize harder (raise run.artifact_cap_bytes only for experiments that are not submissions)"
-            )
-        artifact_path = rundir.write_bytes(f"final_model.{quantizer.label}.ptz", artifact.blob)
-        rt.barrier()
-        blob = artifact_path.read_bytes() if rt.is_master else artifact.blob
-        if rt.distributed:
-            blob = _broadcast_bytes(blob, rt)
-        try:
-            loaded = load_artifact(blob, quantizer, compressor)
-        except Exception as exc:
-            raise DataError(f"{artifact_path}: the artifact cannot be decoded ({exc})") from None
-        expected = quantizer.dequantize(obj)
-        bad = sorted(k for k in expected if k not in loaded or not torch.equal(loaded[k], expected[k]))
-        if bad or set(loaded) != set(expected):
-            raise DataError(f"{artifact_path}: the artifact does not decode back to the quantized tensors ({', '.join(bad[:3]) or 'key sets differ'})")
-        try:
-            self.base_model.load_state_dict(loaded, strict=True)
-        except Exception as exc:
-            raise DataError(f"{artifact_path}: the artifact does not load back into the model ({exc})") from None
-        for module in self.base_model.modules():
-            if module is not self.base_model and isinstance(module, FinalEvalAware):
-                module.prepare_final_eval()
-        rt.sync()
-        t0 = time.perf_counter()
-        results = self.evaluator.evaluate(self.model, self.eval_env, quantizer.label, compressor.label)
-        rt.sync()
-        eval_total_ms = 1000.0 * (time.perf_counter() - t0)
-        for r in results:
-            extra = f" {r.note}" if r.note else ""
-            log(f"{r.name} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f}{extra} eval_time:{r.eval_ms:.0f}ms")
-            log(f"{r.name}_exact val_loss:{r.val_loss:.8f} val_bpb:{r.val_bpb:.8f}")
-            self.metric(kind="final", name=r.name, val_loss=r.val_loss, val_bpb=r.val_bpb, eval_time_ms=r.eval_ms)
-        budget_ms = EVAL_BUDGET_SECONDS * 1000.0
-        verdict = "within" if eval_total_ms <= budget_ms else "OVER"
-        log(f"eval_budget: final evaluation took {eval_total_ms:.0f}ms, {verdict} the {budget_ms:.0f}ms evaluation budget on this hardware")
-        self.metric(kind="phase", name="final_evaluation", time_ms=eval_total_ms, budget_ms=budget_ms)
-        self.eval_total_ms = eval_total_ms
-        return artifact, results
-
-    def _calibration_context(self):
-        from .calibration import CalibrationContext
-
-        rt, data = self.runtime, self.stack.data
-
-        def train_batches(n: int):
-            loader = self._new_loader()
-            for _ in range(n):
-                yield loader.next_batch(data.train_batch_tokens, data.train_seq_len, rt.grad_accum_steps)
-
-        return CalibrationContext(
-            model=self.base_model, runtime=rt, seed=self.stack.run.seed, train_seq_len=data.train_seq_len,
-            vocab_size=self.stack.model.vocab_size, log=self.log, train_batches=train_batches, techniques=self.modifier_objects,
-        )
-
-
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: grouped multi-tensor kernels
     if get_total_norm is not None:
@@ -562,59 +466,5 @@ def run_training(
     if stop_requested is not None:
         trainer.stop_requested = stop_requested
     steps, training_time_ms = trainer.train()
-    artifact, results = trainer.export_and_evaluate(rundir, resolved_toml)
-    compliance = final_line_compliance(trainer.evaluator, [r.name for r in results])
-    for name, check in compliance.items():
-        rundir.log(f"compliance:{name} {'ok' if check.ok else 'NOT_COMPLIANT'} - {check.reason}")
-    compliant_results = [r for r in results if compliance[r.name].ok]
-    score = (compliant_results or results)[-1]
-    final_name, final_loss, final_bpb = score.name, score.val_loss, score.val_bpb
-    if not compliant_results:
-        rundir.log("compliance: no final score of this stack satisfies the challenge's rules; submission.json carries the last one")
-    summary = {
-        "run_id": rundir.run_id,
-        "stack": stack.path,
-        "seed": stack.run.seed,
-        "steps": steps,
-        "train_time_ms": training_time_ms,
-        "model_params": trainer.n_params,
-        "bytes_code": artifact.bytes_code,
-        "bytes_model": artifact.bytes_model,
-        "nonfinite_skips": trainer.nonfinite_skips,
-        "bytes_total": artifact.bytes_total,
-        "final": {r.name: {"val_loss": r.val_loss, "val_bpb": r.val_bpb, "compliant": compliance[r.name].ok, "compliance": compliance[r.name].reason} for r in results},
-        "score_line": final_name,
-        "prequant": {"val_loss": trainer.prequant[0], "val_bpb": trainer.prequant[1]},
-        "eval_time_ms": trainer.eval_total_ms,
-        "compliant": bool(compliant_results) and all(c.ok for c in quantizer_compliance(trainer.quantizer)),
-        "quantizer_compliance": [attrs.asdict(c) for c in quantizer_compliance(trainer.quantizer)],
-    }
-    meta = stack.meta
-    rundir.write_json(
-        "submission.json",
-        {
-            "author": meta.author,
-            "github_id": meta.github_id,
-            "name": meta.name or stack.path,
-            "blurb": meta.description,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "val_loss": round(final_loss, 8),
-            "val_bpb": round(final_bpb, 8),
-            "bytes_total": artifact.bytes_total,
-            "bytes_code": artifact.bytes_code,
-        },
-    )
-    rundir.write_text("summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _serialize(weights: dict[str, torch.Tensor]) -> bytes:
-    from .artifact import serialize
-
-    return serialize({k: v.detach().cpu() for k, v in weights.items()})
-
-
-def _broadcast_bytes(blob: bytes, runtime: Runtime) -> bytes:
-    box = [blob]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    artifact, results = export_and_evaluate(trainer, rundir, resolved_toml)
+    return write_results(trainer, rundir, artifact, results, steps, training_time_ms)

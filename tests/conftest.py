@@ -56,6 +56,18 @@ def legacy_env(case: dict, data: Path, tokenizer: Path) -> dict[str, str]:
     return env
 
 
+REFERENCE_CONTROL_PATTERNS = (
+    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain", "skip_weight", "skip_weights",
+    "smear", "bigram.scale", "xsa_gate", "ve_layer_scales", "ve_shared.scale",
+)
+"""The reference scripts' ``CONTROL_TENSOR_NAME_PATTERNS`` (the #315/#450 line's list): tests of quantizers give
+their hand-made state dicts the roles these names had there."""
+
+
+def reference_roles(names) -> dict[str, str]:
+    return {n: "control" if any(p in n for p in REFERENCE_CONTROL_PATTERNS) else "weight" for n in names}
+
+
 @pytest.fixture
 def registry():
     from pgolf_core.registry import default_registry

@@ -23,7 +23,8 @@ import torch
 from conftest import FIXTURE_1024, FIXTURE_4096, STACKS, TOKENIZER_1024, TOKENIZER_4096
 from pgolf_core import registry as registry_module
 from pgolf_core.cli import main
-from pgolf_core.data import HEADER_INTS, DistributedTokenLoader, load_shard, shard_files
+from pgolf_core.data import HEADER_INTS, load_shard, shard_files
+from pgolf.plugins.loader.sequential import DistributedTokenLoader
 from pgolf_core.sample import write_shard
 
 TINY = [
@@ -56,20 +57,20 @@ class NoParams:
     pass
 
 
-class ClaimsXsa:
-    """Sets the attention option that the built-in xsa modifier sets."""
+class ReplacesRotary:
+    """Replaces the attention part that the built-in partial_rope modifier replaces."""
 
     def transform(self, spec, layers, name):
         for i in layers:
-            spec.claim("attention", i, "xsa", True, by=name)
+            spec.replace("attention", i, "rotary", lambda host: None, by=name)
 
 
 @hookimpl
 def pgolf_register_techniques(register):
     register(_zlib("needs_ema", requires=("ema",)))
     register(_zlib("not_with_softcap", conflicts=("softcap",)))
-    register(Technique(name="xsa_variant", slot="modifier", params=NoParams, build=lambda p, c: ClaimsXsa(), summary="test",
-                       example='[[modifier]]\\nuse = "xsa_variant"'))
+    register(Technique(name="rope_variant", slot="modifier", params=NoParams, build=lambda p, c: ReplacesRotary(), summary="test",
+                       example='[[modifier]]\\nuse = "rope_variant"'))
 '''
 
 
@@ -163,7 +164,7 @@ VALIDATE = [
     ("unknown-technique", lambda t: ["baseline", "--set", 'attention.use="gqaa"'], "attention.use: no technique 'gqaa' for slot 'attention' (did you mean 'gqa'?)"),
     ("technique-in-wrong-slot", lambda t: ["baseline", "--set", 'mlp.use="xsa"'], "'xsa' is a technique for slot modifier"),
     ("duplicated-technique", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "last 2"\n[[modifier]]\nuse = "xsa"\nlayers = [0, 8]\n')],
-     "modifiers 'modifier[0](xsa)' and 'modifier[1](xsa)' both set 'xsa' on layer 8 attention; narrow 'layers' or drop one"),
+     "modifiers 'modifier[0](xsa)' and 'modifier[1](xsa)' both install 'xsa' at layer 8 attention site 'heads_out'; narrow 'layers' or drop one"),
     ("duplicated-table", lambda t: [_stack_file(t, '[mlp]\nuse = "relu2"\n[mlp]\nuse = "relu2"\n')], "TOML syntax error: Cannot declare ('mlp',) twice"),
     ("modifier-not-a-table", lambda t: ["baseline", "--set", "modifier=[0]"], "--set modifier=[0]: modifier[0]: expected a table like {use = \"xsa\"}, got int 0"),
     ("bad-layer-selector", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "most"\n')], "modifier[0](xsa).layers: unknown selector 'most'"),
@@ -233,8 +234,8 @@ WITH_PLUGIN = [
      "technique 'needs_ema' requires 'ema', which the stack does not use; add it or drop 'needs_ema'"),
     ("declared-conflict", lambda t: ["baseline", "--set", 'compressor.use="not_with_softcap"'],
      "techniques 'not_with_softcap' and 'softcap' cannot be combined; drop one"),
-    ("conflicting-modifiers", lambda t: [_stack_file(t, '[[modifier]]\nuse = "xsa"\nlayers = "last 2"\n[[modifier]]\nuse = "xsa_variant"\n')],
-     "modifiers 'modifier[0](xsa)' and 'modifier[1](xsa_variant)' both set 'xsa' on layer 7 attention; narrow 'layers' or drop one"),
+    ("conflicting-modifiers", lambda t: [_stack_file(t, '[[modifier]]\nuse = "partial_rope"\nrope_dims = 8\nlayers = "last 2"\n[[modifier]]\nuse = "rope_variant"\n')],
+     "modifiers 'modifier[0](partial_rope)' and 'modifier[1](rope_variant)' both replace 'rotary' on layer 7 attention; narrow 'layers' or drop one"),
 ]
 
 
@@ -291,7 +292,7 @@ def test_one_shard_feeds_more_ranks_than_shards(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(100))
     files = shard_files(tmp_path, "fineweb_train_*.bin", "training")
     batches = [DistributedTokenLoader(files, r, 4, torch.device("cpu")).next_batch(32, 4, 2) for r in range(4)]
-    starts = [int(x[0, 0]) for x, _ in batches]
+    starts = [int(b.inputs[0, 0]) for b in batches]
     assert starts == [0, 5, 10, 15]  # disjoint spans of one chunk, one per rank
 
 

@@ -71,7 +71,7 @@ def test_toggle_builds_trains_compiles_and_round_trips(registry, case, tmp_path)
     torch.testing.assert_close(compiled(x, x), model(x, x))
 
     runtime = setup_runtime(stack)
-    data = load_data(stack, runtime.device)
+    data = load_data(stack, runtime.device, registry)
     rundir = RunDir(str(tmp_path), "t", True, echo=False)
     rundir.open()
     summary = run_training(stack, registry, runtime, rundir, data)
@@ -86,8 +86,8 @@ def test_toggle_builds_trains_compiles_and_round_trips(registry, case, tmp_path)
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (['modifier=[{use="smeargate"}, {use="smeargate"}]'], "both set 'post_norm' on embedding"),
-        (['modifier=[{use="xsa", layers="last 2"}, {use="xsa", layers=[3]}]'], "both set 'xsa' on layer 3 attention"),
+        (['modifier=[{use="smeargate"}, {use="smeargate"}]'], "both install 'smeargate' at embedding site 'x0'"),
+        (['modifier=[{use="xsa", layers="last 2"}, {use="xsa", layers=[3]}]'], "both install 'xsa' at layer 3 attention site 'heads_out'"),
         (['modifier=[{use="value_embedding", layers=[1]}, {use="value_embedding", layers=[2]}]'], "both add the model-level module 've_shared'"),
         (['modifier=[{use="partial_rope", rope_dims=40}]'], "rope_dims=40 must be even and <= head dim 16"),
         (['modifier=[{use="canon", positions="AX"}]'], "positions must be letters from ABCD"),

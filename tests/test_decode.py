@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pgolf_core.model.sites import Site
+
 from conftest import STACKS, tiny_stack
 from pgolf_core.model.decode import DecodeCache, decode_logits, exact_positions, undecodable_modules
 from pgolf_core.model.gpt import build_model
@@ -87,12 +89,11 @@ def test_a_position_mixing_module_without_a_decode_path_turns_the_cache_off(regi
     assert decode_mismatch(plain, 1024, torch.device("cpu")) == "no incremental path in blocks.0.conv_probe"
 
     class Shift(torch.nn.Module):  # mixes positions without declaring it: caught by the numeric probe
-        def forward(self, x):
+        def forward(self, x, input_ids):
             return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
 
     _, sneaky = _model(registry)
-    sneaky.embedding.post_name = "shift"
-    sneaky.embedding.add_module("shift", Shift())
+    sneaky.embedding.x0 = Site({"shift": Shift()})  # installed at the embedding's x0 site after the build
     assert decode_mismatch(sneaky, 1024, torch.device("cpu")).startswith("incremental logits differ from a full forward by")
 
 

@@ -24,7 +24,7 @@ from pgolf_core.data import TRAIN_PATTERN, VAL_PATTERN, load_shard, shard_files
 from pgolf_core.download import HubSource, download
 from pgolf_core.errors import DataError, PgolfError
 from pgolf_core.sample import tokenizer_path, write_shard
-from pgolf_core.tokenizer import load_tokenizer
+from pgolf.plugins.tokenizer.sentencepiece import load_model as load_tokenizer
 
 REPO = "willdepueoai/parameter-golf"
 SHARDS = "datasets/datasets/fineweb10B_sp1024"

@@ -188,7 +188,7 @@ def test_a_nonfinite_gradient_alone_is_caught_and_never_applied(registry):
 
     stack = tiny_stack(registry, 'run.on_nonfinite="skip"', "run.grad_accum_base=2", "data.train_batch_tokens=1024")
     logs: list[str] = []
-    trainer = Trainer(stack, registry, _cpu_runtime(), load_data(stack, torch.device("cpu")), lambda m, console=True: logs.append(m), lambda **r: None)
+    trainer = Trainer(stack, registry, _cpu_runtime(), load_data(stack, torch.device("cpu"), registry), lambda m, console=True: logs.append(m), lambda **r: None)
     trainer.train_step(0, 1.0)  # a normal step first: the optimizers have state to protect
     weights = copy.deepcopy(trainer.base_model.state_dict())
     opt_state = copy.deepcopy(trainer.optimizers.state_dict())

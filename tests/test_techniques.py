@@ -18,13 +18,17 @@ from pgolf.plugins.compressor.zlib import Zlib
 from pgolf.plugins.compressor.zstd import Zstd
 from pgolf.plugins.embedding.token import TokenEmbedding
 from pgolf.plugins.head.softcap import SoftcapHead
+from pgolf.plugins.loss.cross_entropy import CrossEntropy
 from pgolf.plugins.init.baseline import BaselineInitParams, build as build_init
 from pgolf.plugins.mlp.relu2 import Relu2MLP, Relu2Params, build as build_mlp
 from pgolf.plugins.optimizer.muon import Muon, MuonParams, build as build_muon, zeropower_via_newtonschulz5
 from pgolf.plugins.quantizer.int8_rowwise import Int8Rowwise, Int8RowwiseParams
 from pgolf.plugins.residual.resid_mix import ResidMixBlock
 from pgolf.plugins.schedule.linear_warmdown import LinearWarmdown, LinearWarmdownParams
+from pgolf.plugins.tokenizer.sentencepiece import PieceBytes
 from pgolf.plugins.topology.unet import UNetSkips
+
+from conftest import reference_roles
 
 
 def ctx(**model):
@@ -135,10 +139,12 @@ def test_softcap_head_bounds_logits_and_uses_fp32_cross_entropy():
     logits = head.logits(x, w)
     assert logits.abs().max() <= 2.0
     torch.testing.assert_close(logits, 2.0 * torch.tanh((x.reshape(-1, 4) @ w.T) / 2.0))
+    torch.testing.assert_close(head.cap(head.project(x, w)), logits)
     y = torch.tensor([[1, 2, 3]])
-    torch.testing.assert_close(head(x, y, w), F.cross_entropy(logits, y.reshape(-1)))
+    torch.testing.assert_close(CrossEntropy()(logits.half(), y.reshape(-1)), F.cross_entropy(logits.half().float(), y.reshape(-1)))
     untied = SoftcapHead(4, 7, tied=False, logit_softcap=2.0)
     assert untied.lm_head is not None and untied.lm_head._zero_init
+    assert untied.output_weight(w) is untied.lm_head.weight and head.output_weight(w) is w
 
 
 def test_baseline_init_draws_the_embedding_and_zeroes_projections():
@@ -226,7 +232,7 @@ def test_int8_rowwise_round_trip_and_passthrough_rules():
         "vector": torch.randn(32),
         "count": torch.tensor([3], dtype=torch.int64),
     }
-    obj, stats = quant.quantize(sd)
+    obj, stats = quant.quantize(sd, reference_roles(sd))
     assert obj["quantized"]["blocks.0.mlp.fc.weight"].dtype == torch.int8
     assert obj["scales"]["blocks.0.mlp.fc.weight"].shape == (8,)
     assert obj["passthrough"]["blocks.0.attn_scale"].dtype == torch.float32  # control tensor stays fp32
@@ -248,8 +254,11 @@ def test_int8_rowwise_round_trip_and_passthrough_rules():
 @pytest.mark.parametrize("comp", [Zlib(9), Zstd(22)])
 def test_compressors_round_trip_and_shrink(comp):
     data = bytes(range(256)) * 200
-    blob = comp.compress(data)
-    assert comp.decompress(blob) == data and len(blob) < len(data) // 10
+    blob = comp.compress_bytes(data)
+    assert comp.decompress_bytes(blob) == data and len(blob) < len(data) // 10
+    obj = {"quantized": {"w": torch.zeros(64, 64, dtype=torch.int8)}, "meta": {"w": "per_row"}}  # what compress receives
+    back = comp.decompress(comp.compress(obj))
+    assert back["meta"] == obj["meta"] and torch.equal(back["quantized"]["w"], obj["quantized"]["w"])
 
 
 def test_final_weights_exports_the_state_dict():
@@ -264,7 +273,7 @@ def test_eval_val_bpb_is_loss_over_ln2_times_tokens_per_byte():
             return torch.full((), math.log(4.0))
 
     tokens = torch.tensor([1, 2, 3, 2, 3, 2, 3, 2, 3])
-    val = ValData(tokens, torch.tensor([0, 1, 2, 3], dtype=torch.int16), torch.tensor([False, False, True, False]), torch.tensor([True, False, False, False]))
+    val = ValData(tokens, PieceBytes(torch.tensor([0, 1, 2, 3], dtype=torch.int16), torch.tensor([False, False, True, False]), torch.tensor([True, False, False, False])))
     env = EvalEnv(val, 4, 8, 1, 0, 1, torch.device("cpu"))
     loss, bpb = eval_val(Uniform(), env)
     # targets 2,3,2,3,2,3,2,3: bytes 2,3,... and +1 for each leading-space token (id 2) after a non-boundary token

@@ -11,27 +11,19 @@ import brotli
 import pytest
 import torch
 
+from conftest import reference_roles
 from pgolf.testing import check_technique_contract, installed_registry, tiny_stack
 from pgolf_core.calibration import CalibrationContext
 from pgolf_core.model.gpt import build_model
+from pgolf_core.model.roles import parameter_roles
 from pgolf_core.runtime import Runtime
 from pgolf.plugins.compressor.brotli import Brotli
 from pgolf.plugins.compressor.lzma import Lzma
-from pgolf.plugins.quantizer.gptq import (
-    GPTQ,
-    PERCENTILES,
-    GPTQParams,
-    apply_prune,
-    ar_generate,
-    classify,
-    collect_hessians,
-    finish_hessians,
-    gptq_quantize,
-    int8_rows,
-    percentile_search,
-    prune_candidates,
-)
-from pgolf.plugins.quantizer.int8_rowwise import Int8Rowwise, Int8RowwiseParams, quantize_rows
+from pgolf_core.calibration import ar_generate, collect_hessians, finish_hessians
+from pgolf.plugins.quantizer.common import classify, quantize_rows
+from pgolf.plugins.quantizer.gptq import GPTQ, PERCENTILES, GPTQParams, gptq_quantize, percentile_search
+from pgolf.plugins.quantizer.int8_rowwise import Int8Rowwise, Int8RowwiseParams
+from pgolf.plugins.quantizer.prune import apply_prune, prune_candidates
 
 REGISTRY = installed_registry()
 
@@ -179,11 +171,13 @@ def test_percentile_search_picks_the_lowest_mse_candidate():
 def test_int8_rows_is_the_baseline_int8_formula():
     g = torch.Generator().manual_seed(4)
     t = torch.randn(40, 300, generator=g)
-    q, s = int8_rows(t)
-    q_ref, s_ref = quantize_rows(t, 0.9999984, maxq=127, minq=-127)
-    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and s.dtype == torch.float16
+    q, s = quantize_rows(t, 0.9999984)
+    clip = torch.quantile(t.abs(), 0.9999984, dim=1)
+    scale = (clip / 127.0).clamp_min(1.0 / 127.0)
+    q_ref = torch.clamp(torch.round(torch.clamp(t, -clip[:, None], clip[:, None]) / scale[:, None]), -127, 127).to(torch.int8)
+    assert torch.equal(q, q_ref) and torch.equal(s, scale.half()) and s.dtype == torch.float16
     v = torch.randn(5000, generator=g)
-    qv, sv = int8_rows(v)
+    qv, sv = quantize_rows(v, 0.9999984)
     assert sv.ndim == 0 and sv.dtype == torch.float32 and int(qv.abs().max()) == 127
 
 
@@ -220,7 +214,7 @@ def test_routing_per_tensor():
     quant = _quantizer()
     _, H = correlated(8, 32, seed=1)
     quant.hessians = {"blocks.0.attn.c_q.weight": H}
-    obj, stats = quant.quantize(sd)
+    obj, stats = quant.quantize(sd, reference_roles(sd))
     m, w = obj["m"], obj["w"]
     assert obj["__quant_format__"] == quant.fmt
     assert obj["dtypes"] == {"embedding.tok_emb.weight": "bfloat16"}  # only float tensors that are not fp32
@@ -239,7 +233,7 @@ def test_routing_per_tensor():
     assert torch.equal(w["blocks.0.attn.c_q.weight.q"], q) and torch.equal(w["blocks.0.attn.c_q.weight.scale"], s)
     q, s = percentile_search(sd["blocks.0.mlp.fc.weight"])
     assert torch.equal(w["blocks.0.mlp.fc.weight.q"], q) and torch.equal(w["blocks.0.mlp.fc.weight.scale"], s)
-    q, s = int8_rows(sd["embedding.tok_emb.weight"])
+    q, s = quantize_rows(sd["embedding.tok_emb.weight"], 0.9999984)
     assert torch.equal(w["embedding.tok_emb.weight.q"], q)
     # every stored tensor owns its storage (a view would serialize its whole base)
     for t in w.values():
@@ -248,16 +242,16 @@ def test_routing_per_tensor():
 
 def test_categories_and_keep_float_threshold_are_params():
     sd = _state_dict()
-    obj, _ = GPTQ(GPTQParams(keep_float_max_numel=256, int6_categories="mlp")).quantize(sd)
+    obj, _ = GPTQ(GPTQParams(keep_float_max_numel=256, int6_categories="mlp")).quantize(sd, reference_roles(sd))
     assert obj["m"]["blocks.0.attn.c_q.weight"] == {"type": "int8"}
-    obj, _ = GPTQ(GPTQParams()).quantize(sd)  # 65,536: everything here is small
+    obj, _ = GPTQ(GPTQParams()).quantize(sd, reference_roles(sd))  # 65,536: everything here is small
     assert all(v == "passthrough" for k, v in obj["m"].items() if k != "blocks.0.resid_mix")
 
 
 def test_dequantize_round_trip_and_dtypes():
     sd = _state_dict()
     quant = _quantizer()
-    obj, _ = quant.quantize(sd)
+    obj, _ = quant.quantize(sd, reference_roles(sd))
     # through bytes, as the artifact goes
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -278,10 +272,10 @@ def test_dequantize_round_trip_and_dtypes():
 def test_dequantize_refuses_a_foreign_format():
     quant = _quantizer()
     int8 = Int8Rowwise(Int8RowwiseParams())
-    foreign, _ = int8.quantize(_state_dict())
+    foreign, _ = int8.quantize(_state_dict(), reference_roles(_state_dict()))
     with pytest.raises(ValueError, match="int8_clean_per_row_v1"):
         quant.dequantize(foreign)
-    ours, _ = quant.quantize(_state_dict())
+    ours, _ = quant.quantize(_state_dict(), reference_roles(_state_dict()))
     with pytest.raises(ValueError, match=quant.fmt):
         int8.dequantize(ours)
 
@@ -313,7 +307,7 @@ def _reference_order(obj, types):
 
 @pytest.mark.parametrize("mode,types", [("int6", {"int6"}), ("int", {"int6", "int8"})])
 def test_prune_candidates_match_the_references_sorted_list(mode, types):
-    obj, _ = _quantizer().quantize(_state_dict())
+    obj, _ = _quantizer().quantize(_state_dict(), reference_roles(_state_dict()))
     cands = prune_candidates(obj["w"], obj["m"], mode)
     ref = _reference_order(obj, types)
     got = [(cands.keys[t], f, c) for t, f, c in zip(cands.tensor.tolist(), cands.flat.tolist(), cands.cost.tolist())]
@@ -324,7 +318,7 @@ def test_prune_candidates_match_the_references_sorted_list(mode, types):
 def test_pruning_reaches_the_target_with_the_fewest_cheapest_entries():
     logs = []
     quant = _quantizer(prune_target_mb=0.01, prune_target_unit="MB")
-    obj, _ = quant.quantize(_state_dict())
+    obj, _ = quant.quantize(_state_dict(), reference_roles(_state_dict()))
     target = quant.target_bytes()
     assert target == 10_000
     nnz = _nonzero_measure(None, 0)(obj)
@@ -346,7 +340,7 @@ def test_pruning_reaches_the_target_with_the_fewest_cheapest_entries():
 def test_pruning_already_fits_and_not_enough_and_off():
     logs = []
     quant = _quantizer(prune_target_mb=0.01, prune_target_unit="MB")
-    obj, _ = quant.quantize(_state_dict())
+    obj, _ = quant.quantize(_state_dict(), reference_roles(_state_dict()))
     assert quant.fit(obj, lambda o: 10_000, log=logs.append) is obj
     assert logs[-1] == "selective_prune: already fits, no pruning needed"
     out = quant.fit(obj, _nonzero_measure(None, 10**6), log=logs.append)
@@ -362,7 +356,7 @@ def test_prune_target_units():
 
 
 def test_apply_prune_clones_only_touched_tensors():
-    obj, _ = _quantizer().quantize(_state_dict())
+    obj, _ = _quantizer().quantize(_state_dict(), reference_roles(_state_dict()))
     cands = prune_candidates(obj["w"], obj["m"], "int6")
     out = apply_prune(obj["w"], cands, 5)
     touched = {cands.keys[t] for t in cands.tensor[:5].tolist()}
@@ -461,7 +455,7 @@ def test_calibrate_ar_selfgen_logs_and_quantizes_with_hessians():
     assert logs[1].startswith("gptq:generated 3 sequences in ") and logs[1].endswith("s")
     assert logs[-1] == "gptq:collected hessians for 24 layers (AR self-gen)"
     assert all(bool(torch.isfinite(h).all()) for h in quant.hessians.values())
-    obj, stats = quant.quantize(model.state_dict())
+    obj, stats = quant.quantize(model.state_dict(), parameter_roles(model))
     assert stats["num_gptq"] == 24 and stats["num_int8"] == 1  # tok_emb
     model.load_state_dict(quant.dequantize(obj), strict=True)
     assert quant.compliance[0].ok
@@ -472,7 +466,7 @@ def test_calibrate_default_seq_len_and_seed_follow_the_run():
     logs = []
     quant = GPTQ(GPTQParams(calib_seqs=1, gen_batch=1))
     seen = {}
-    import pgolf.plugins.quantizer.gptq as mod
+    import pgolf.plugins.quantizer.gptq as mod  # the name gptq calls
 
     real = mod.ar_generate
 
@@ -492,16 +486,16 @@ def test_sequential_hessian_model_wraps_only_the_hessian_pass():
     model, stack = _tiny_model()
     state = {"on": False, "seen": []}
 
-    @contextlib.contextmanager
-    def sequential_view():
-        state["on"] = True
-        yield
-        state["on"] = False
+    class Technique:  # a modifier that changes the data flow offers a sequential view (SequentialView)
+        @contextlib.contextmanager
+        def sequential_view(self):
+            state["on"] = True
+            yield
+            state["on"] = False
 
-    model.sequential_view = sequential_view
     handle = model.blocks[0].attn.c_q.register_forward_hook(lambda *a: state["seen"].append(state["on"]))
     quant = GPTQ(GPTQParams(calib_seqs=2, calib_seq_len=3, gen_batch=2, hessian_model="sequential", gen_kv_cache="off"))
-    quant.calibrate(_ctx(model, stack, []))
+    quant.calibrate(_ctx(model, stack, [], techniques=[Technique(), object()]))
     handle.remove()
     # generation: 2 forwards (live); Hessians: one forward per sequence under pr1019 (sequential)
     assert state["seen"] == [False, False, True, True]
@@ -563,10 +557,10 @@ def test_cholesky_failure_raises_or_falls_back():
     strict = GPTQ(GPTQParams(keep_float_max_numel=1))
     strict.hessians = {"blocks.0.mlp.fc.weight": H}
     with pytest.raises(torch.linalg.LinAlgError):
-        strict.quantize(sd)
+        strict.quantize(sd, reference_roles(sd))
     lenient = GPTQ(GPTQParams(keep_float_max_numel=1, on_cholesky_error="percentile"))
     lenient.hessians = {"blocks.0.mlp.fc.weight": H}
-    obj, stats = lenient.quantize(sd)
+    obj, stats = lenient.quantize(sd, reference_roles(sd))
     assert stats["num_cholesky_fallback"] == 1
     assert torch.equal(obj["w"]["blocks.0.mlp.fc.weight.q"], percentile_search(W)[0])
 
@@ -575,13 +569,15 @@ def test_cholesky_failure_raises_or_falls_back():
 def test_brotli_and_lzma_round_trip_with_the_references_settings():
     data = b"".join(i.to_bytes(2, "little") for i in range(4000)) * 3
     b = Brotli()
-    blob = b.compress(data)
-    assert b.decompress(blob) == data and blob == brotli.compress(data, quality=11) and len(blob) < len(data) // 4
+    blob = b.compress_bytes(data)
+    assert b.decompress_bytes(blob) == data and blob == brotli.compress(data, quality=11) and len(blob) < len(data) // 4
     z = Lzma()
-    blob = z.compress(data)
-    assert z.decompress(blob) == data and blob == lzma.compress(data, preset=9)
+    blob = z.compress_bytes(data)
+    assert z.decompress_bytes(blob) == data and blob == lzma.compress(data, preset=9)
     assert blob[:6] == b"\xfd7zXZ\x00"  # xz container
-    assert Lzma(extreme=True).decompress(Lzma(extreme=True).compress(data)) == data
+    assert Lzma(extreme=True).decompress_bytes(Lzma(extreme=True).compress_bytes(data)) == data
+    obj = {"w": {"a": torch.arange(6, dtype=torch.int8)}, "m": {"a": "passthrough"}}  # what a compressor receives
+    assert torch.equal(b.decompress(b.compress(obj))["w"]["a"], obj["w"]["a"])
 
 
 @pytest.mark.parametrize("slot,name", [("quantizer", "gptq"), ("compressor", "brotli"), ("compressor", "lzma")])

@@ -10,17 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from conftest import STACKS, tiny_stack
-from pgolf_core.model.gpt import build_model
+from pgolf_core.contracts import FinalEvalAware
+from pgolf_core.model.gpt import build_model, sequential_view
 from pgolf_core.model.layers import CastedLinear, deferred_init
 from pgolf.plugins.averaging.ema import EMA, EMAParams
 from pgolf.plugins.head.softcap import SoftcapHead
+from pgolf.plugins.loss.focal import FocalLoss
 from pgolf.plugins.init.banked import BankedOrthogonalInit
 from pgolf.plugins.mlp.relu2 import Relu2MLP
 from pgolf.plugins.optimizer.muon import equilibrate_rows, zeropower_via_newtonschulz5
 from pgolf.plugins.optimizer.parallel_muon import BankedMuon, group_banks, zeropower_batched
-from pgolf.plugins.residual.parallel import ParallelResidual, _from_start_layer
+from pgolf.plugins.residual.parallel import ParallelResidual, ParallelWiring, _from_start_layer
 from pgolf.plugins.schedule.linear_warmdown import LinearWarmdown, LinearWarmdownParams
-from pgolf.plugins.topology.recurrence import Recurrence, RecurrenceParams
+from pgolf.plugins.topology.recurrence import Recurrence, RecurrenceSchedule
 
 
 def _tiny(registry, stack: str, *extra: str):
@@ -133,7 +135,7 @@ def test_parallel_muon_groups_four_banks_and_skips_untrained(registry):
     oset = opt(model, runtime)
     assert oset.syncs_gradients
     grouped = {id(p) for o in oset.optimizers for g in o.param_groups for p in g["params"]}
-    assert all(id(s) not in grouped for s in model.topology.recur_scales)
+    assert all(id(s) not in grouped for s in model.topology.schedule.scales)
     named = dict(model.named_parameters())
     scalar_ids = {id(p) for p in oset.adam_scalar.param_groups[0]["params"]}
     assert id(named["ve_shared.proj.weight"]) in scalar_ids  # small matrices outside the blocks: AdamW
@@ -144,37 +146,40 @@ def test_recurrence_repeats_encoder_layer_after_its_skip_and_switches_at_start(r
     torch.manual_seed(0)
     model, mods = build_model(stack, registry)
     rec = next(m for m in mods if isinstance(m, Recurrence))
-    topo = model.topology
-    assert topo.recur_layers == (1, 2) and not topo.recur_active
+    sched = model.topology.schedule  # the topology's layer schedule is the technique's part
+    assert isinstance(sched, RecurrenceSchedule) and sched.layers == (1, 2) and not sched.active
+    assert sched.repeats == {1}  # encoder_only: the decoder layer 2 is listed but never repeats
     ids = torch.randint(0, 1024, (2, 16))
     with torch.no_grad():
         for blk in model.blocks:  # the zero-initialised output projections would make every block the identity
             torch.nn.init.normal_(blk.attn.proj.weight, std=0.1)
             torch.nn.init.normal_(blk.mlp.proj.weight, std=0.1)
         base = model.logits(ids)
-        topo.recur_active = True
+        sched.active = True
         on = model.logits(ids)
-        topo.recur_active = False
+        sched.active = False
     assert not torch.allclose(base, on)
     calls = []
     hook = model.blocks[1].register_forward_hook(lambda m, i, o: calls.append(1))
     hook2 = model.blocks[2].register_forward_hook(lambda m, i, o: calls.append(2))
-    topo.recur_active = True
+    sched.active = True
     with torch.no_grad():
         model.logits(ids)
     hook.remove(), hook2.remove()
     assert calls == [1, 1, 2]  # layer 1 (encoder) twice, layer 2 (decoder) once: encoder_only as ran
-    topo.recur_active = False
+    sched.active = False
     state = type("S", (), {"step": 3, "log": lambda self, m: logs.append(m)})()
     logs: list[str] = []
     state.log = logs.append
     rec.on_step_start(state)
-    assert topo.recur_active and logs == ["depth_recurrence:enabled step:3 layers:1,2"]
+    assert sched.active and logs == ["depth_recurrence:enabled step:3 layers:1,2"]
     assert rec.state_dict()["active"] is True
-    with model.sequential_view():
-        assert not topo.recur_active and not any(b.parallel for b in model.blocks)
-    assert topo.recur_active and model.blocks[3].parallel
-    assert all(s.detach().eq(0.5).all() for s in topo.recur_scales)
+    parallel = next(m for m in mods if isinstance(m, ParallelResidual))
+    with sequential_view(mods):
+        assert not sched.active and all(b.wiring is None for b in model.blocks)
+    assert sched.active and isinstance(model.blocks[3].wiring, ParallelWiring)
+    assert [b for b in model.blocks if isinstance(b.wiring, ParallelWiring)] == parallel.blocks and parallel.blocks
+    assert all(s.detach().eq(0.5).all() for s in sched.scales)
 
 
 def test_parallel_block_reads_the_same_input_for_both_branches():
@@ -183,22 +188,23 @@ def test_parallel_block_reads_the_same_input_for_both_branches():
     torch.manual_seed(0)
     attn = torch.nn.Linear(8, 8, bias=False)
     mlp = torch.nn.Linear(8, 8, bias=False)
-    block = ResidMixBlock(8, attn, mlp, parallel=True)
+    block = ResidMixBlock(8, attn, mlp)
+    block.wiring = ParallelWiring()
     x, x0 = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
     norm = F.rms_norm(x, (8,))
     torch.testing.assert_close(block(x, x0), x + attn(norm) + mlp(norm))
-    block.parallel = False
+    block.wiring = None
     h = x + attn(norm)
     torch.testing.assert_close(block(x, x0), h + mlp(F.rms_norm(h, (8,))))
     assert _from_start_layer("7") == "7:" and _from_start_layer("-1") == []
 
 
-def test_parallel_residual_claims_layers(registry):
+def test_parallel_residual_replaces_the_wiring_of_its_layers(registry):
     from pgolf_core.model.spec import spec_from_stack
 
     spec = spec_from_stack(tiny_stack(registry), registry)
     ParallelResidual().transform(spec, [2, 3], name="m")
-    assert spec.layers[2].residual.options["parallel"] and "parallel" not in spec.layers[1].residual.options
+    assert "wiring" in spec.layers[2].residual.parts and spec.layers[1].residual.parts == {}
 
 
 def test_leaky_relu_squared_mlp():
@@ -214,18 +220,21 @@ def test_leaky_relu_squared_mlp():
 
 def test_focal_loss_in_training_and_plain_ce_after_prepare_final_eval():
     torch.manual_seed(0)
-    head = SoftcapHead(4, 10, True, 30.0, focal_gamma=1.0, focal_in_eval=True)
+    head = SoftcapHead(4, 10, True, 30.0)
+    loss = FocalLoss(gamma=1.0, in_eval=True)
     x, w, y = torch.randn(6, 4), torch.randn(10, 4), torch.randint(0, 10, (6,))
     logits = head.logits(x, w).float()
     ce = F.cross_entropy(logits, y, reduction="none")
     focal = ((1 - torch.exp(-ce)) * ce).mean()
-    torch.testing.assert_close(head(x, y, w), focal)
-    head.eval()
-    torch.testing.assert_close(head(x, y, w), focal)  # as ran: validation also focal
-    head.prepare_final_eval()
-    torch.testing.assert_close(head(x, y, w), ce.mean())
-    head.train()
-    torch.testing.assert_close(head(x, y, w), focal)
+    torch.testing.assert_close(loss(logits, y), focal)
+    loss.eval()
+    torch.testing.assert_close(loss(logits, y), focal)  # as ran: validation also focal
+    assert isinstance(loss, FinalEvalAware)
+    loss.prepare_final_eval()
+    torch.testing.assert_close(loss(logits, y), ce.mean())
+    loss.train()
+    torch.testing.assert_close(loss(logits, y), focal)
+    torch.testing.assert_close(FocalLoss(gamma=0.0, in_eval=True)(logits, y), ce.mean())  # gamma 0: plain CE
 
 
 def test_sqrt_warmdown_shape():

@@ -8,18 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import STACKS, tiny_stack
+from conftest import STACKS, reference_roles, tiny_stack
 from pgolf_core.model.gpt import build_model
-from pgolf_core.model.layers import CastedLinear, Rotary, apply_rotary_emb
-from pgolf.plugins.attention.gqa import exclusive_self_attention
+from pgolf_core.model.layers import CastedLinear
+from pgolf.plugins.attention.partial_rope import PartialRotary
+from pgolf.plugins.attention.xsa import ExclusiveSelfAttention, exclusive_self_attention
 from pgolf.plugins.averaging.ema import EMA, EMAParams
 from pgolf.plugins.averaging.swa import SWA, TightSWAParams
 from pgolf.plugins.embedding.bigram_hash import BigramHashEmbedding
 from pgolf.plugins.embedding.smeargate import SmearGate
 from pgolf.plugins.evaluator.sliding_window import window_starts
-from pgolf.plugins.quantizer.int6_absmax import Int6Absmax, Int6AbsmaxParams, classify
+from pgolf.plugins.quantizer.common import classify
+from pgolf.plugins.quantizer.int6_absmax import Int6Absmax, Int6AbsmaxParams
 from pgolf.plugins.quantizer.int6_percentile import Int6Percentile, Int6PercentileParams
-from pgolf.plugins.quantizer.late_qat import LateQAT, LateQATParams
+from pgolf.plugins.quantizer.late_qat import FakeQuant, LateQAT, LateQATParams
 from pgolf.plugins.residual.canon import CanonLayer, CanonParams
 from pgolf.plugins.optimizer.muon import Muon
 
@@ -33,20 +35,23 @@ class State:
 
 def test_xsa_removes_the_own_value_component():
     torch.manual_seed(0)
-    y, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    y, v = torch.randn(1, 3, 4, 8), torch.randn(1, 3, 2, 8)  # (B, T, H, D) and (B, T, Hkv, D), the heads_out layout
     out = exclusive_self_attention(y, v)
     for h in range(4):
-        vh = F.normalize(v[0, h // 2], dim=-1)
-        torch.testing.assert_close(out[0, h], y[0, h] - (y[0, h] * vh).sum(-1, keepdim=True) * vh)
-        assert (out[0, h] * vh).sum(-1).abs().max() < 1e-5  # orthogonal to the own value
+        vh = F.normalize(v[0, :, h // 2], dim=-1)
+        torch.testing.assert_close(out[0, :, h], y[0, :, h] - (y[0, :, h] * vh).sum(-1, keepdim=True) * vh)
+        assert (out[0, :, h] * vh).sum(-1).abs().max() < 1e-5  # orthogonal to the own value
+    gated = ExclusiveSelfAttention(gate_init=0.0)  # PR #400's learnable gate: halfway at sigmoid(0)
+    torch.testing.assert_close(gated(y, v, None), y + 0.5 * (out - y))
+    assert torch.equal(ExclusiveSelfAttention()(y, v, None), out)
 
 
 def test_partial_rope_rotates_only_the_first_dims_and_ntk_rescales():
-    rot = Rotary(16, base=10000.0, rope_dims=4, ntk_seq_len=8)
+    rot = PartialRotary(16, base=10000.0, rope_dims=4, ntk_seq_len=8)
     cos, sin = rot(4, torch.device("cpu"), torch.float32)
-    assert cos.shape[-1] == 2
+    assert cos.shape[-1] == 2 and rot.decode_exact_limit == 8
     x = torch.randn(1, 1, 4, 16)
-    out = apply_rotary_emb(x, cos, sin)
+    out = rot.apply(x, cos, sin)
     torch.testing.assert_close(out[..., 4:], x[..., 4:])
     torch.testing.assert_close(out[:, :, 0], x[:, :, 0])  # position 0: angle 0
     cos16, _ = rot(16, torch.device("cpu"), torch.float32)  # 16 > 8: base * 2^(4/2)
@@ -61,7 +66,9 @@ def test_bigram_hash_buckets_and_zero_start():
     ids = torch.tensor([[3, 5, 7]])
     buckets = emb.bigram_hash(ids)
     assert buckets.tolist() == [[10, (36313 * 5 ^ 27191 * 3) % 10, (36313 * 7 ^ 27191 * 5) % 10]]
-    assert emb(ids).abs().sum() == 0  # zero table at init
+    assert emb.embed_pairs(ids).abs().sum() == 0  # zero table at init
+    x = torch.randn(1, 3, 8)
+    assert torch.equal(emb(x, ids), x)  # at the lookup site it adds nothing yet
     assert emb.scale.item() == pytest.approx(0.05)
 
 
@@ -87,10 +94,10 @@ def test_canon_layer_is_a_causal_depthwise_conv_with_delta_gate():
 def test_fake_quant_switch_is_a_buffer_and_straight_through():
     torch.manual_seed(0)
     lin = CastedLinear(8, 4, bias=False)
-    lin.enable_fake_quant(6)
+    lin.weight_transform = FakeQuant(6)  # what late QAT installs at every CastedLinear's weight site
     x = torch.randn(3, 8)
     torch.testing.assert_close(lin(x), x @ lin.weight.T)  # off until switched
-    lin.fake_quant_on.fill_(1.0)
+    lin.weight_transform.on.fill_(1.0)
     w = lin.weight.detach()
     scale = (w.abs().amax(1) / 31).clamp_min(1 / 31)
     wq = torch.clamp(torch.round(w / scale[:, None]), -32, 31) * scale[:, None]
@@ -131,8 +138,8 @@ def test_late_qat_inert_mode_only_logs(registry):
     qat = next(m for m in mods if isinstance(m, LateQAT))
     state = State(model, step=3, lr_scale=0.01)
     qat.on_step_start(state)
-    assert qat.enabled and qat.linears == []
-    assert not any(isinstance(m, CastedLinear) and m.fake_quant_bits for m in model.modules())  # no STE branch at all
+    assert qat.enabled and qat.quantizers == []
+    assert not any(isinstance(m, CastedLinear) and m.weight_transform is not None for m in model.modules())  # no STE branch at all
     assert "inert" in state.lines[0]
 
 
@@ -174,7 +181,7 @@ def test_int6_absmax_rules():
         "blocks.0.attn_scale": torch.randn(4),
         "topology.skip_weights": torch.randn(5, 4),
     }
-    obj, _ = q.quantize(sd)
+    obj, _ = q.quantize(sd, reference_roles(sd))
     meta, w = obj["m"], obj["w"]
     assert meta["blocks.0.mlp.fc.weight"] == {"type": "int6"} and meta["embedding.tok_emb.weight"] == {"type": "int8"}
     assert meta["blocks.0.attn_scale"] == "passthrough" and w["blocks.0.attn_scale"].dtype == torch.float16
@@ -191,7 +198,7 @@ def test_int6_percentile_bits_per_category_and_control_fp32():
     torch.manual_seed(0)
     q = Int6Percentile(Int6PercentileParams(keep_float_max_numel=16))
     sd = {"blocks.0.attn.c_q.weight": torch.randn(8, 8), "embedding.tok_emb.weight": torch.randn(8, 8), "embedding.bigram.scale": torch.tensor(0.05)}
-    obj, stats = q.quantize(sd)
+    obj, stats = q.quantize(sd, reference_roles(sd))
     assert obj["qmeta"]["blocks.0.attn.c_q.weight"]["bits"] == 6 and obj["qmeta"]["embedding.tok_emb.weight"]["bits"] == 8
     assert obj["quantized"]["blocks.0.attn.c_q.weight"].abs().max() <= 32
     assert obj["passthrough"]["embedding.bigram.scale"].dtype == torch.float32
@@ -212,6 +219,7 @@ def test_sliding_window_starts_and_scored_spans():
 
 
 def test_sliding_window_equals_full_eval_when_stride_is_the_window(registry):
+    from pgolf.testing import TableBytes
     from pgolf_core.evaluate import EvalEnv, ValData, eval_val
     from pgolf.plugins.evaluator.sliding_window import eval_sliding
 
@@ -219,7 +227,7 @@ def test_sliding_window_equals_full_eval_when_stride_is_the_window(registry):
     stack = tiny_stack(registry)
     model, _ = build_model(stack, registry)
     tokens = torch.randint(1, 1024, (16 * 4 + 1,))
-    val = ValData(tokens, torch.ones(1024, dtype=torch.int16), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
+    val = ValData(tokens, TableBytes(torch.ones(1024, dtype=torch.int16)))
     env = EvalEnv(val, 16, 64, 1, 0, 1, torch.device("cpu"), base_model=model)
     full = eval_val(model, env)
     slid = eval_sliding(model, env, 16, 16, 3)
@@ -239,8 +247,12 @@ def test_value_embeddings_and_catalytic_gates_in_the_model(registry):
     names = [n for n, _ in model.named_parameters()]
     assert "ve_shared.embed.weight" in names and "ve_shared.ve_layer_scales.0" in names
     assert names.index("ve_shared.embed.weight") > max(i for i, n in enumerate(names) if n.startswith("blocks."))
-    assert all(hasattr(b, "attn_gate") and hasattr(b, "mlp_gate") for b in model.blocks)
-    assert [b.attn.value_embed_key for b in model.blocks] == [None, None, "ve_2", "ve_3"]
+    # the catalytic gates sit at each block's gain sites (ones-init, ordinary weights)
+    assert all("catalytic_residuals" in b.attn_gain and "catalytic_residuals" in b.mlp_gain for b in model.blocks)
+    assert "blocks.0.attn_gain.catalytic_residuals.gate" in names and "blocks.0.mlp_gain.catalytic_residuals.gate" in names
+    assert torch.equal(model.blocks[0].attn_gain["catalytic_residuals"].gate, torch.ones(stack.model.model_dim))
+    keys = [b.attn.qkv["value_embedding"].key if b.attn.qkv is not None and "value_embedding" in b.attn.qkv else None for b in model.blocks]
+    assert keys == [None, None, "ve_2", "ve_3"]
     x = torch.randint(0, 1024, (1, 8))
     assert set(model.ve_shared.aux(x)) == {"ve_2", "ve_3"}
     model(x, x).backward()
@@ -251,7 +263,7 @@ def test_int5_categories_take_precedence_and_use_the_int5_range():
     torch.manual_seed(0)
     q = Int6Absmax(Int6AbsmaxParams(keep_float_max_numel=16, int5_categories="mlp"))
     sd = {"blocks.0.mlp.fc.weight": torch.randn(8, 4), "blocks.0.attn.c_q.weight": torch.randn(8, 4)}
-    obj, stats = q.quantize(sd)
+    obj, stats = q.quantize(sd, reference_roles(sd))
     assert obj["m"]["blocks.0.mlp.fc.weight"] == {"type": "int5"} and obj["m"]["blocks.0.attn.c_q.weight"] == {"type": "int6"}
     q5 = obj["w"]["blocks.0.mlp.fc.weight.q"]
     assert q5.min() >= -16 and q5.max() <= 15 and q5.abs().max() == 15

@@ -1,4 +1,5 @@
-"""The ``pgolf`` command: run, validate, config, bench, bench-gptq, list, show, stacks, schema, report, compare, significance, ledger, data.
+"""The ``pgolf`` command: run, validate, config, bench, list, show, stacks, schema, report, compare, significance, ledger, data,
+plus the commands installed plugins add (``pgolf_add_commands``; the gptq plugin's bench-gptq).
 
 Every user error is printed as one line per problem on stderr (``error: …``) with exit code 2 (3 for an
 artifact over the cap) and no traceback; ``--debug`` shows tracebacks.
@@ -11,10 +12,10 @@ import os
 import sys
 
 from ..errors import PgolfError
-from . import bench, bench_gptq, config, data, ledger, list_cmd, report, run, schema, show, significance, stacks, validate
+from . import bench, config, data, ledger, list_cmd, report, run, schema, show, significance, stacks, validate
 
 # The order here is the order of ``pgolf --help``.
-COMMANDS = (run, validate, config, bench, bench_gptq, list_cmd, show, stacks, schema, report, significance, ledger, data)
+COMMANDS = (run, validate, config, bench, list_cmd, show, stacks, schema, report, significance, ledger, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add_parser(sub, common)
+    from ..registry import default_registry
+
+    default_registry().pm.hook.pgolf_add_commands(subparsers=sub, common=common)
     return parser
 
 

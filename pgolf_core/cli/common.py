@@ -11,9 +11,6 @@ import attrs
 
 from ..errors import ConfigError, PgolfError
 
-REPO_STACKS = Path(__file__).resolve().parent.parent.parent / "stacks"
-
-
 def registry_for(args: argparse.Namespace):
     """The installed techniques plus any ``--plugin`` modules."""
     from ..registry import default_registry
@@ -22,13 +19,13 @@ def registry_for(args: argparse.Namespace):
 
 
 def resolve_stack_path(value: str) -> str:
-    """A stack argument is a path, or the name of a bundled stack (``baseline`` → stacks/baseline.toml)."""
-    if Path(value).is_file() or value.endswith(".toml"):
+    """A stack argument is a path, or the name of a bundled stack (``baseline`` → the installed baseline.toml)."""
+    from ..config.bundled import bundled_stack
+
+    if Path(value).is_file():
         return value
-    candidate = REPO_STACKS / f"{value}.toml"
-    if candidate.is_file():
-        return str(candidate)
-    return value
+    bundled = bundled_stack(value)
+    return str(bundled) if bundled is not None else value
 
 
 def load_stack_and_registry(args: argparse.Namespace):

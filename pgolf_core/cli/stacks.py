@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from .common import REPO_STACKS
+from ..config.bundled import bundled_dir
 
 
 def cmd_stacks(args: argparse.Namespace) -> int:
-    import sys as _sys
+    import sys
 
-    if _sys.version_info >= (3, 11):
+    if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
         import tomli as tomllib
-    for path in sorted(REPO_STACKS.glob("*.toml")):
+    for path in sorted(bundled_dir().glob("*.toml")):
         meta = tomllib.loads(path.read_text(encoding="utf-8")).get("meta", {})
         bpb = meta.get("reported_val_bpb")
         print(f"{path.stem:<12} {meta.get('name', '')}  reported val_bpb {bpb if bpb is not None else '-'}")

@@ -82,11 +82,23 @@ def _read_toml(path: Path, display: str, source: _Source, chain: list[Path]) -> 
         return data
     if not isinstance(base_ref, str):
         raise ConfigError(f"{display}: extends: expected a path string, got {type(base_ref).__name__}")
-    base_path = (path.parent / base_ref).resolve()
+    base_path = _base_path(path, base_ref)
     if base_path in chain or base_path == path.resolve():
         raise ConfigError(f"{display}: extends {base_ref}: circular extends")
     base = _read_toml(base_path, _display(base_path), source, [*chain, path.resolve()])
     return deep_merge(base, data)
+
+
+def _base_path(path: Path, base_ref: str) -> Path:
+    """``extends`` is a path relative to the stack file; when no such file exists, a bundled stack's name
+    (``extends = "pr1019"``) names the installed one."""
+    from .bundled import bundled_stack
+
+    relative = (path.parent / base_ref).resolve()
+    if relative.is_file():
+        return relative
+    bundled = bundled_stack(base_ref)
+    return bundled.resolve() if bundled is not None else relative
 
 
 def deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:

@@ -106,11 +106,11 @@ class Rotary(nn.Module):
             or self._seq_len_cached != seq_len
             or self._cos_cached.device != device
         ):
-            if torch.is_inference_mode_enabled():
+            if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+                self._build(seq_len, device)
+            else:
                 with torch.inference_mode(False):  # a table built while sampling must still serve training
                     self._build(seq_len, device)
-            else:
-                self._build(seq_len, device)
         return self._cos_cached.to(dtype=dtype), self._sin_cached.to(dtype=dtype)
 
     def _build(self, seq_len: int, device: torch.device) -> None:

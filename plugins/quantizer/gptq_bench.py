@@ -1,5 +1,7 @@
 """``pgolf bench-gptq STACK``: time GPTQ's post-training phases (self-generated calibration, Hessians, quantization).
 
+A command the gptq plugin adds to ``pgolf`` (``pgolf_add_commands``), so the core knows nothing of it.
+
 Why: in the PR #1019 line the references spent ~430 s after the training clock on these phases, a budget
 that decides whether a recipe evaluates within its 600 s. This builds the stack's model (its real sizes,
 or smaller with ``--set``), perturbs the initial weights so that every layer contributes (the timings do not
@@ -10,13 +12,19 @@ as in a run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from pgolf_core.calibration import ar_generate, collect_hessians, decode_mismatch
+from pgolf_core.cli.common import add_stack_args, load_stack_and_registry
+from pgolf_core.contracts import loop_handlers
+from pgolf_core.errors import ConfigError
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.model.roles import parameter_roles
 
 
 def _sync(device: torch.device) -> None:
@@ -25,10 +33,10 @@ def _sync(device: torch.device) -> None:
 
 
 def run_gptq_bench(stack: Any, registry: Any, *, device: str, seqs: int | None, seq_len: int | None, modes: list[str], quantize: bool) -> dict:
-    from pgolf.plugins.quantizer.gptq import GPTQ, ar_generate, collect_hessians, decode_mismatch
+    from pgolf_core.model.gpt import build_model
+    from pgolf_core.model.layers import cast_for_device
 
-    from .model.gpt import build_model
-    from .model.layers import cast_for_device
+    from .gptq import GPTQ
 
     choice = stack.slots["quantizer"]
     if choice.technique != "gptq":
@@ -38,7 +46,7 @@ def run_gptq_bench(stack: Any, registry: Any, *, device: str, seqs: int | None, 
     seqs = seqs or p.calib_seqs
     seq_len = seq_len or p.calib_seq_len or stack.data.train_seq_len
     torch.manual_seed(stack.run.seed)
-    model, _ = build_model(stack, registry)
+    model, modifiers = build_model(stack, registry)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for w in model.parameters():
@@ -47,8 +55,9 @@ def run_gptq_bench(stack: Any, registry: Any, *, device: str, seqs: int | None, 
     bf16 = dev.type == "cuda"
     if bf16:
         cast_for_device(model, True)
-    for topo in [m for m in model.modules() if hasattr(m, "recur_active")]:
-        topo.recur_active = True  # the model as it is after training
+    ended = type("State", (), {"log": staticmethod(lambda *a, **k: None), "step": 0})()
+    for handler in loop_handlers(modifiers, "on_train_end"):
+        handler(ended)  # the model as it is after training (e.g. depth recurrence switched on for evaluation)
     autocast = torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16)
     vocab = stack.model.vocab_size
     result: dict[str, Any] = {"stack": str(stack.path), "device": str(dev), "seqs": seqs, "seq_len": seq_len,
@@ -77,7 +86,7 @@ def run_gptq_bench(stack: Any, registry: Any, *, device: str, seqs: int | None, 
         q.hessians = hessians
         state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
         t0 = time.perf_counter()
-        _, stats = q.quantize(state)
+        _, stats = q.quantize(state, parameter_roles(model))
         result["gptq_s"] = round(time.perf_counter() - t0, 3)
         result["gptq_matrices"] = stats["num_gptq"]
     return result
@@ -97,3 +106,35 @@ def format_gptq_bench(result: dict) -> str:
 def dump(result: dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
+
+
+def cmd_bench_gptq(args: argparse.Namespace) -> int:
+    stack, registry = load_stack_and_registry(args)
+    modes = [m.strip() for m in args.kv_cache.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("exact", "approximate", "off")]
+    if bad or not modes:
+        raise ConfigError(f"--kv-cache {args.kv_cache}: expected a comma list of exact, approximate, off")
+    result = run_gptq_bench(stack, registry, device=args.device, seqs=args.seqs, seq_len=args.seq_len, modes=modes, quantize=not args.no_quantize)
+    print(format_gptq_bench(result))
+    if args.json:
+        dump(result, args.json)
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@hookimpl
+def pgolf_add_commands(subparsers, common) -> None:
+    bg = subparsers.add_parser("bench-gptq", parents=[common], help="time GPTQ's self-generated calibration, Hessians and quantization for a stack's model")
+    add_stack_args(bg)
+    bg.add_argument("--device", default="cuda" if _cuda_available() else "cpu", help="where generation and Hessians run (default: cuda when present)")
+    bg.add_argument("--seqs", type=int, help="calibration sequences (default: the stack's calib_seqs)")
+    bg.add_argument("--seq-len", type=int, help="tokens per sequence (default: the stack's calib_seq_len or train_seq_len)")
+    bg.add_argument("--kv-cache", default="off,exact,approximate", help="generation modes to time, comma-separated (default: all three)")
+    bg.add_argument("--no-quantize", action="store_true", help="skip the GPTQ pass itself")
+    bg.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    bg.set_defaults(func=cmd_bench_gptq)
