@@ -1,0 +1,1 @@
+"""A per-head attention output gate for pgolf, as a third-party plugin package."""
