@@ -32,7 +32,7 @@ SOURCES: dict[str, Compliance] = {
         "calibration data", True, "sequences the trained model generates itself; no training or validation data read (PR #1019's precedent)"
     ),
     "train_after_clock": Compliance("calibration data", False, "training batches read after the training clock stopped"),
-    "none": Compliance("calibration data", True, "no calibration data"),
+    "no_data": Compliance("calibration data", True, "no calibration data"),
 }
 """The calibration sources and the rules' verdict on each (a quantizer reports the one it used)."""
 

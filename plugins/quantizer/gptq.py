@@ -308,7 +308,7 @@ class GPTQ:
 
     @property
     def compliance(self) -> list[Compliance]:
-        source = {"train": SOURCES["train_after_clock"], "none": SOURCES["none"]}.get(self.params.calibration, SOURCES["self_generated"])
+        source = {"train": SOURCES["train_after_clock"], "none": SOURCES["no_data"]}.get(self.params.calibration, SOURCES["self_generated"])
         extra = {"train": " (calibration = 'train')", "none": ": no Hessians, percentile clip search only"}.get(self.params.calibration, "")
         return [Compliance("gptq calibration data", source.ok, source.reason + extra)]
 
