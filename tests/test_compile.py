@@ -7,6 +7,8 @@ import torch
 
 from conftest import STACKS, tiny_stack
 from pgolf_core.model.gpt import build_model
+from pgolf_core.model.roles import is_frozen
+from pgolf.plugins.topology.recurrence import RecurrenceSchedule
 
 SHIPPED = sorted(STACKS.glob("*.toml"))
 
@@ -36,8 +38,9 @@ def test_stack_model_compiles_fullgraph(registry, path):
     loss = compiled(x, y)
     loss.backward()
     torch.testing.assert_close(loss, eager)
-    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and not getattr(p, "_pgolf_untrained", False))
-    if getattr(model.topology, "recur_layers", ()):  # depth recurrence switched on: one recompile, still one graph
-        model.topology.recur_active = True
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and not is_frozen(p))
+    schedule = model.topology.schedule
+    if isinstance(schedule, RecurrenceSchedule):  # depth recurrence switched on: one recompile, still one graph
+        schedule.active = True
         torch.testing.assert_close(compiled(x, y), model(x, y))
-        assert all(s.grad is None or torch.isfinite(s.grad).all() for s in model.topology.recur_scales)
+        assert all(s.grad is None or torch.isfinite(s.grad).all() for s in schedule.scales)
