@@ -68,8 +68,10 @@ import pluggy
 from .contracts import SLOT_CONTRACTS, SlotContract
 
 PROJECT = "pgolf"
-HOOKSPEC_VERSION = 1
-"""Bumped when a hook or slot contract changes incompatibly; plugins may declare the version they target."""
+HOOKSPEC_VERSION = 2
+"""Bumped when a hook or slot contract changes incompatibly; plugins may declare the version they target.
+2: sites and parts, quantize(weights, roles), compressors receive the quantized object, FinalResult records,
+loss/tokenizer/loader slots."""
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
