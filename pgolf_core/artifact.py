@@ -14,7 +14,7 @@ from typing import Any
 
 from collections.abc import Mapping
 
-import attrs
+import dataclasses
 import torch
 
 from .config.schema import Stack
@@ -22,7 +22,7 @@ from .contracts import Fitting
 from .registry import Registry
 
 
-@attrs.define
+@dataclasses.dataclass
 class Artifact:
     blob: bytes
     raw_bytes: int

@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-import attrs
+import dataclasses
 import torch
 from torch import Tensor, nn
 
@@ -37,7 +37,7 @@ SOURCES: dict[str, Compliance] = {
 """The calibration sources and the rules' verdict on each (a quantizer reports the one it used)."""
 
 
-@attrs.define
+@dataclasses.dataclass
 class CalibrationContext:
     model: nn.Module
     """The uncompiled GPT with the exported (averaged) weights loaded; the caller restores train/eval mode."""

@@ -17,12 +17,12 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import attrs
+import dataclasses
 from torch import Tensor, nn
 
 
 # -- records the pipeline passes around -----------------------------------------------------------------------
-@attrs.define(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Compliance:
     """One rule check of a technique: ``ok`` and why, in words a reviewer can check."""
 
@@ -31,7 +31,7 @@ class Compliance:
     reason: str
 
 
-@attrs.define(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class FinalResult:
     """One final evaluation line: ``{name} val_loss:… val_bpb:… {note} eval_time:…ms`` in the log."""
 
@@ -288,7 +288,7 @@ LOOP_EVENTS = ("on_train_start", "on_step_start", "after_optimizer_step", "on_st
 """Methods a built object may define to be called at loop boundaries (see ``pgolf_core.hookspecs``)."""
 
 
-@attrs.define(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SlotContract:
     """A slot: what its ``build`` receives and what it must return (``protocol``)."""
 

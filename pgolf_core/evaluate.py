@@ -10,7 +10,7 @@ import contextlib
 import math
 from typing import Any
 
-import attrs
+import dataclasses
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from .contracts import ByteCounts
 from .errors import ConfigError
 
 
-@attrs.define
+@dataclasses.dataclass
 class ValData:
     """The validation stream and its byte accounting (from the tokenizer slot)."""
 
@@ -31,7 +31,7 @@ class ValData:
         return self.bytes.count(prev_ids, tgt_ids, first_pos)
 
 
-@attrs.define
+@dataclasses.dataclass
 class EvalEnv:
     """What an evaluator needs besides the model: the split, the byte tables and the process layout."""
 

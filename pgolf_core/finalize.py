@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-import attrs
+import dataclasses
 import torch
 
 from .artifact import build_artifact, code_bytes, load_artifact, serialize
@@ -149,7 +149,7 @@ def write_results(trainer: Any, rundir: RunDir, artifact: Any, results: list[Fin
         "prequant": {"val_loss": trainer.prequant[0], "val_bpb": trainer.prequant[1]},
         "eval_time_ms": trainer.eval_total_ms,
         "compliant": bool(compliant_results) and all(c.ok for c in quantizer_compliance(trainer.quantizer)),
-        "quantizer_compliance": [attrs.asdict(c) for c in quantizer_compliance(trainer.quantizer)],
+        "quantizer_compliance": [dataclasses.asdict(c) for c in quantizer_compliance(trainer.quantizer)],
     }
     meta = stack.meta
     rundir.write_json(

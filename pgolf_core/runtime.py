@@ -6,7 +6,7 @@ import contextlib
 import os
 from typing import Any
 
-import attrs
+import dataclasses
 import torch
 import torch.distributed as dist
 
@@ -14,7 +14,7 @@ from .config.schema import Stack
 from .errors import ConfigError
 
 
-@attrs.define
+@dataclasses.dataclass
 class Runtime:
     rank: int
     world_size: int

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import attrs
+import dataclasses
 import numpy as np
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from .runtime import Runtime
 from .sample import build_sample, is_sample, tokenizer_path
 
 
-@attrs.define
+@dataclasses.dataclass
 class TrainState:
     """What loop events see. ``model`` is the uncompiled module whose weights are trained."""
 
@@ -58,7 +58,7 @@ class TrainState:
     last_val: tuple[float, float] | None = None
 
 
-@attrs.define
+@dataclasses.dataclass
 class LoopState:
     """Where the main loop is: the part of a checkpoint that is not a tensor."""
 
@@ -115,7 +115,7 @@ def build_slot(stack: Stack, registry: Registry, slot: str) -> Any:
     return reg.technique.build(stack.params(slot), ctx)
 
 
-@attrs.define
+@dataclasses.dataclass
 class DataFiles:
     """Everything read from disk before a run starts, so bad data fails before anything is written."""
 
@@ -301,7 +301,7 @@ class Trainer:
             "optimizers": self.optimizers.state_dict(),
             "loader": self.loader.state_dict(),
             "objects": [o.state_dict() for o in self.stateful],
-            "loop": attrs.asdict(self.loop),
+            "loop": dataclasses.asdict(self.loop),
             "rng": rng,
         }
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import attrs
+import dataclasses
 
 from conftest import STACKS, tiny_stack
 from pgolf.testing import TableBytes, tiny_model
@@ -122,7 +122,7 @@ def test_full_val_evaluator_labels_and_scores_like_eval_val(registry):
     tokens = torch.randint(1, 1024, (4 * 16 + 1,))
     val = ValData(tokens, TableBytes(torch.ones(1024, dtype=torch.int16)))
     env = EvalEnv(val, 16, 64, 1, 0, 1, torch.device("cpu"))
-    ((name, loss, bpb, ms, note),) = [attrs.astuple(r) for r in FullVal(FullValParams(), 16).evaluate(model, env, "int8", "zlib")]
+    ((name, loss, bpb, ms, note),) = [dataclasses.astuple(r) for r in FullVal(FullValParams(), 16).evaluate(model, env, "int8", "zlib")]
     assert name == "final_int8_zlib_roundtrip" and (loss, bpb) == pytest.approx(eval_val(model, env)) and ms >= 0
     assert bpb == pytest.approx(loss / math.log(2))  # one byte per token in this table
 

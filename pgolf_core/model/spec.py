@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
+import dataclasses
 from torch import nn
 
 from ..config.schema import DataConfig, ModelConfig, RunConfig, Stack
@@ -31,26 +31,26 @@ PER_LAYER = ("attention", "mlp", "residual")
 MODULE_SLOTS = ("embedding", "topology", "head", "loss", *PER_LAYER)
 
 
-@attrs.define
+@dataclasses.dataclass
 class Component:
     technique: Technique
     params: Any
-    options: dict[str, Any] = attrs.field(factory=dict)
-    claimed_by: dict[str, str] = attrs.field(factory=dict)
-    installs: dict[str, list[tuple[str, Factory, str]]] = attrs.field(factory=dict)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    claimed_by: dict[str, str] = dataclasses.field(default_factory=dict)
+    installs: dict[str, list[tuple[str, Factory, str]]] = dataclasses.field(default_factory=dict)
     """site name → [(key, factory, installed by)] in stack order."""
-    parts: dict[str, tuple[Factory, str]] = attrs.field(factory=dict)
+    parts: dict[str, tuple[Factory, str]] = dataclasses.field(default_factory=dict)
     """part name → (factory, replaced by)."""
 
 
-@attrs.define
+@dataclasses.dataclass
 class LayerSpec:
     attention: Component
     mlp: Component
     residual: Component
 
 
-@attrs.define
+@dataclasses.dataclass
 class ModelSpec:
     model: ModelConfig
     embedding: Component
@@ -59,7 +59,7 @@ class ModelSpec:
     head: Component
     loss: Component
     init: Component
-    root_modules: list[tuple[str, Any, str]] = attrs.field(factory=list)
+    root_modules: list[tuple[str, Any, str]] = dataclasses.field(default_factory=list)
     """(attribute name, factory, added by): modules created on the model after the blocks, in stack order."""
 
     def add_root_module(self, name: str, factory: Any, by: str) -> None:

@@ -20,6 +20,8 @@ import math
 import time
 from collections.abc import Callable
 
+import dataclasses
+
 import attrs
 import torch
 import torch.distributed as dist
@@ -147,7 +149,7 @@ class SlidingWindow:
         p = self.params
         results = []
         t0 = time.perf_counter()
-        loss, bpb = eval_val(model, attrs.evolve(env, seq_len=self.eval_seq_len))
+        loss, bpb = eval_val(model, dataclasses.replace(env, seq_len=self.eval_seq_len))
         results.append(FinalResult(p.roundtrip_label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0)))
         if p.stride < self.eval_seq_len:
             t0 = time.perf_counter()

@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import attrs
+import dataclasses
 import torch
 from torch import Tensor
 
 
-@attrs.define
+@dataclasses.dataclass
 class PruneCandidates:
     """The ±1 entries of the prunable tensors, cheapest first: tensor key, flat index and cost ``scale_row²``."""
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dataclasses
+
 import attrs
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ class SentencePieceParams:
     """No parameters: the model file is [data] tokenizer."""
 
 
-@attrs.define(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PieceBytes:
     """Byte tables per vocabulary id: piece length, has a leading ``▁``, is a boundary token."""
 
