@@ -15,7 +15,7 @@ from typing import Any
 import dataclasses
 import torch
 
-from .artifact import build_artifact, code_bytes, load_artifact, serialize
+from .artifact import build_artifact, load_artifact, serialize
 from .calibration import CalibrationContext
 from .compliance import final_line_compliance, quantizer_compliance
 from .contracts import Calibrating, FinalEvalAware, FinalResult
@@ -28,7 +28,7 @@ from .runtime import Runtime
 EVAL_BUDGET_SECONDS = 600.0  # the challenge's evaluation limit (8xH100); CPU runs report against it only for orientation
 
 
-def export_and_evaluate(trainer: Any, rundir: RunDir, resolved_toml: str) -> tuple[Any, list[FinalResult]]:
+def export_and_evaluate(trainer: Any, rundir: Any, bytes_code: int) -> tuple[Any, list[FinalResult]]:
     """Average → pre-quantization score → calibrate → quantize (+fit) → compress → size accounting → write →
     round trip (decode check) → final evaluation, each phase timed."""
     args, rt, log = trainer.stack.run, trainer.runtime, trainer.log
@@ -52,7 +52,6 @@ def export_and_evaluate(trainer: Any, rundir: RunDir, resolved_toml: str) -> tup
         calib_ms = 1000.0 * (time.perf_counter() - t0)
         log(f"calibration:done time:{calib_ms:.0f}ms (after the training clock; counted in no budget, as in PR #1019)")
         trainer.metric(kind="phase", name="calibration", time_ms=calib_ms)
-    bytes_code = code_bytes(trainer.stack, trainer.registry, resolved_toml)
     t0 = time.perf_counter()
     roles = parameter_roles(trainer.base_model)
     artifact, obj = build_artifact(weights, roles, quantizer, compressor, bytes_code, return_object=True)

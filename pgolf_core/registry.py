@@ -161,6 +161,11 @@ class Registry:
         return self.pm.add_hookcall_monitoring(before, after)
 
     # -- lookup ---------------------------------------------------------------------------------------
+    @property
+    def hooks(self) -> Any:
+        """The loop-event hook relay (``pgolf_on_*``) of the installed plugins."""
+        return self.pm.hook
+
     def get(self, slot: str, name: str) -> Registration | None:
         return self._by_key.get((slot, name))
 

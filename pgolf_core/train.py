@@ -26,6 +26,7 @@ from . import __version__
 from .config.dump import stack_to_toml
 from .config.schema import Stack
 from .contracts import LOOP_EVENTS, Stateful, loop_handlers
+from .artifact import code_bytes
 from .finalize import export_and_evaluate, write_results
 from .data import TRAIN_PATTERN, VAL_PATTERN, load_shard, load_validation_tokens, read_shard_header, shard_files
 from .errors import NonFiniteError, PgolfError
@@ -82,14 +83,15 @@ class Events:
 
     NAMES = LOOP_EVENTS
 
-    def __init__(self, objects: list[Any], registry: Registry) -> None:
+    def __init__(self, objects: list[Any], hooks: Any = None) -> None:
         self.handlers = {n: loop_handlers(objects, n) for n in self.NAMES}
-        self.hooks = registry.pm.hook
+        self.hooks = hooks  # the plugin manager's hook relay; None where no plugins observe (an exported script)
 
     def fire(self, name: str, state: TrainState) -> None:
         for handler in self.handlers[name]:
             handler(state)
-        getattr(self.hooks, f"pgolf_{name}")(state=state)
+        if self.hooks is not None:
+            getattr(self.hooks, f"pgolf_{name}")(state=state)
 
 
 def resolve_data_paths(stack: Stack) -> tuple[str, str]:
@@ -126,7 +128,11 @@ class DataFiles:
 
 
 def load_data(stack: Stack, device: torch.device, registry: Registry) -> DataFiles:
-    data_path, tok_path = resolve_data_paths(stack)
+    """``load_data_files`` on the stack's paths, the bundled sample's built on first use."""
+    return load_data_files(stack, device, registry, *resolve_data_paths(stack))
+
+
+def load_data_files(stack: Stack, device: torch.device, registry: Registry, data_path: str, tok_path: str) -> DataFiles:
     vocab = stack.model.vocab_size
     tokenizer = build_slot(stack, registry, "tokenizer")
     tokenizer.load(tok_path, vocab)
@@ -187,7 +193,7 @@ class Trainer:
         self.loader = self.new_loader()
         self.state = TrainState(stack, runtime, self.base_model, self.optimizers, log, iterations=args.iterations)
         objects = [self.schedule, self.averaging, self.quantizer, self.compressor, self.evaluator, *modifier_objects]
-        self.events = Events(objects, registry)
+        self.events = Events(objects, registry.hooks)
         self.stateful = [o for o in objects if isinstance(o, Stateful)]
         self.n_params = count_parameters(self.base_model)
         self.loop = LoopState()
@@ -466,5 +472,5 @@ def run_training(
     if stop_requested is not None:
         trainer.stop_requested = stop_requested
     steps, training_time_ms = trainer.train()
-    artifact, results = export_and_evaluate(trainer, rundir, resolved_toml)
+    artifact, results = export_and_evaluate(trainer, rundir, code_bytes(stack, registry, resolved_toml))
     return write_results(trainer, rundir, artifact, results, steps, training_time_ms)

@@ -359,7 +359,7 @@ def _check_loop(stack: Any, registry: Any, seed: int, fail: Callable[[str, str],
     lines: list[str] = []
     state = TrainState(stack=stack, runtime=runtime, model=model, optimizers=optimizers, log=lambda msg, console=True: lines.append(msg))
     state.iterations = stack.run.iterations
-    events = Events([built["schedule"], built["averaging"], built["quantizer"], built["compressor"], built["evaluator"], *modifiers], registry)
+    events = Events([built["schedule"], built["averaging"], built["quantizer"], built["compressor"], built["evaluator"], *modifiers], registry.hooks)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = tiny_batch(stack, seed)
     env = tiny_eval_env(stack, seed, built["evaluator"].eval_seq_len, model)

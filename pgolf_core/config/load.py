@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..hookspecs import SINGLE_SLOTS
 from ..registry import Registry
 from .convert import did_you_mean, structure_table
+from .envvalues import env_kind, parse_env_value
 from .schema import CORE_TABLES, SCHEMA_VERSION, Choice, ModifierChoice, Stack
 
 if sys.version_info >= (3, 11):
@@ -180,26 +181,7 @@ def _env_fields(cls: type) -> dict[str, attrs.Attribute]:
 
 def _parse_env_value(raw: str, attribute: attrs.Attribute) -> Any:
     """Interpret an env string the way the reference script does for that field's type."""
-    kind = attribute.type
-    text = raw.strip()
-    mapping = attribute.metadata.get("env_values")
-    if mapping is not None:
-        if text not in mapping:
-            raise ValueError(text)
-        return mapping[text]
-    if kind in (bool, "bool"):
-        return bool(int(text))
-    if kind in (int, "int"):
-        return int(text)
-    if kind in (float, "float"):
-        return float(text)
-    if "tuple[int" in str(kind):
-        return [int(v) for v in text.split(",") if v.strip()]
-    if "Optional[int]" in str(kind):
-        return int(text)
-    if "Optional[float]" in str(kind):
-        return float(text)
-    return text
+    return parse_env_value(raw, env_kind(attribute.type), attribute.metadata.get("env_values"))
 
 
 def _apply_legacy_env(table: dict[str, Any], cls: type, table_name: str, env: dict[str, str], log: list[str]) -> list[str]:
