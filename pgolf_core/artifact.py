@@ -1,15 +1,13 @@
 """The submission artifact: quantize → serialize → compress, size accounting against the cap, round trip.
 
 Size accounting lives here and only here: ``bytes_total = bytes_code + len(compressed model)``. The code
-counted is what a run executes: the ``pgolf_core`` modules loaded by the run, the module of each technique
-the stack uses, and the resolved stack file.
+counted is the packed ``train_gpt.py`` that ``pgolf export`` writes for the stack (``pgolf_core.export.
+code_bytes``): exactly the code the stack runs, as the challenge counts it.
 """
 
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 from typing import Any
 
 from collections.abc import Mapping
@@ -17,9 +15,7 @@ from collections.abc import Mapping
 import dataclasses
 import torch
 
-from .config.schema import Stack
 from .contracts import Fitting
-from .registry import Registry
 
 
 @dataclasses.dataclass
@@ -67,56 +63,6 @@ class ByteCompressor:
 
     def decompress_bytes(self, data: bytes) -> bytes:
         raise NotImplementedError
-
-
-def code_files(stack: Stack, registry: Registry) -> list[Path]:
-    """The source files this run executes: the ``pgolf_core`` modules loaded in the process (commands that do
-    not train, such as downloads or statistics, are not counted) and the module of every technique in use."""
-    core = Path(__file__).resolve().parent
-    loaded = {Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
-    files = sorted(p for p in loaded if p.suffix == ".py" and core in p.parents)
-    modules = _with_package_imports({r.module for r in registry.all() if r.technique.name in _used(stack)})
-    for name in sorted(modules):
-        path = getattr(sys.modules.get(name), "__file__", None)
-        if path:
-            files.append(Path(path).resolve())
-    return files
-
-
-def _with_package_imports(modules: set[str]) -> set[str]:
-    """Add, transitively, the modules of the same top-level package that these modules import (a technique that
-    reuses another technique's functions ships that file too)."""
-    import ast
-
-    seen: set[str] = set()
-    todo = list(modules)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = getattr(sys.modules.get(name), "__file__", None)
-        if not path or not path.endswith(".py"):
-            continue
-        root = name.split(".")[0]
-        for node in ast.walk(ast.parse(Path(path).read_text())):
-            targets = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            for target in targets:
-                if target.split(".")[0] == root and target in sys.modules and target not in seen:
-                    todo.append(target)
-    return seen
-
-
-def _used(stack: Stack) -> set[str]:
-    return {c.technique for c in stack.slots.values()} | {m.technique for m in stack.modifiers}
-
-
-def code_bytes(stack: Stack, registry: Registry, stack_toml: str) -> int:
-    return sum(p.stat().st_size for p in code_files(stack, registry)) + len(stack_toml.encode("utf-8"))
 
 
 def build_artifact(

@@ -26,7 +26,6 @@ from . import __version__
 from .config.dump import stack_to_toml
 from .config.schema import Stack
 from .contracts import LOOP_EVENTS, Stateful, loop_handlers
-from .artifact import code_bytes
 from .finalize import export_and_evaluate, write_results
 from .data import TRAIN_PATTERN, VAL_PATTERN, load_shard, load_validation_tokens, read_shard_header, shard_files
 from .errors import NonFiniteError, PgolfError
@@ -452,11 +451,17 @@ def run_training(
     stop_requested: Any = None,
 ) -> dict[str, Any]:
     from . import checkpoint
+    from .export import code_bytes
+    from .runtime import broadcast_object
 
     resolved_toml = stack_to_toml(stack)
+    # The code the challenge counts: the packed train_gpt.py `pgolf export` writes for this stack, known before
+    # training so that the cap check and any pruning target use it.
+    bytes_code = broadcast_object(code_bytes(stack, registry) if runtime.is_master else None, runtime)
     if not resume:
         rundir.write_text("stack.toml", resolved_toml)
         log_provenance(stack, rundir.log, resolved_toml)
+        rundir.log(f"code_bytes:{bytes_code} (the packed train_gpt.py of 'pgolf export')")
     trainer = Trainer(stack, registry, runtime, data_files, rundir.log, rundir.metric)
     trainer.log_header()
     latest = checkpoint.latest(rundir.path) if resume else None
@@ -472,5 +477,5 @@ def run_training(
     if stop_requested is not None:
         trainer.stop_requested = stop_requested
     steps, training_time_ms = trainer.train()
-    artifact, results = export_and_evaluate(trainer, rundir, code_bytes(stack, registry, resolved_toml))
+    artifact, results = export_and_evaluate(trainer, rundir, bytes_code)
     return write_results(trainer, rundir, artifact, results, steps, training_time_ms)

@@ -297,19 +297,16 @@ def test_one_shard_feeds_more_ranks_than_shards(tmp_path):
 
 
 def test_artifact_over_the_cap_is_reported_before_any_result(tmp_path, capsys, monkeypatch):
-    """The cap is on code + compressed model. A tiny model whose stack file (counted as code) carries a
-    15.9 MB description: the model alone fits, the artifact does not; the run fails with exit 3 before the
-    artifact, submission.json or any final score exists."""
+    """The cap is on code (the packed export) + compressed model. With a cap between the model's bytes and
+    the total, the model alone fits, the artifact does not; the run fails with exit 3 before the artifact,
+    submission.json or any final score exists."""
     monkeypatch.chdir(tmp_path)
-    stack = tmp_path / "huge.toml"
-    description = "x" * 15_900_000  # a TOML literal string: fast to parse
-    stack.write_text(f"schema_version = 1\nextends = '{STACKS / 'baseline.toml'}'\n[meta]\ndescription = '{description}'\n")
-    argv = ["run", str(stack), *_sets("run.iterations=0"), "--out-dir", str(tmp_path / "runs"), "--run-id", "big"]
+    argv = ["run", str(STACKS / "baseline.toml"), *_sets("run.iterations=0", "run.artifact_cap_bytes=200000"), "--out-dir", str(tmp_path / "runs"), "--run-id", "big"]
     code, out, err = _cli(capsys, argv)
-    _assert_one_line_errors(code, err, "over the 16000000-byte cap by", exit_code=3, only_errors=False)
+    _assert_one_line_errors(code, err, "over the 200000-byte cap by", exit_code=3, only_errors=False)
     numbers = re.search(r"artifact is (\d+) bytes \(code (\d+) \+ model (\d+)\)", err)
     total, code_bytes, model_bytes = map(int, numbers.groups())
-    assert total == code_bytes + model_bytes > 16_000_000 > model_bytes and code_bytes > 15_900_000
+    assert total == code_bytes + model_bytes > 200_000 > model_bytes and 10_000 < code_bytes < 60_000
     runs = tmp_path / "runs"
     assert not (runs / "big").exists() and not list(runs.rglob("submission.json")) and not list(runs.rglob("*.ptz"))
     log = (runs / "big.failed" / "log.txt").read_text()

@@ -1,4 +1,4 @@
-"""The ``pgolf`` command: run, validate, config, bench, list, show, stacks, schema, report, compare, significance, ledger, data,
+"""The ``pgolf`` command: run, validate, config, export, bench, list, show, stacks, schema, report, compare, significance, ledger, data,
 plus the commands installed plugins add (``pgolf_add_commands``; the gptq plugin's bench-gptq).
 
 Every user error is printed as one line per problem on stderr (``error: …``) with exit code 2 (3 for an
@@ -12,10 +12,10 @@ import os
 import sys
 
 from ..errors import PgolfError
-from . import bench, config, data, ledger, list_cmd, report, run, schema, show, significance, stacks, validate
+from . import bench, config, data, export, ledger, list_cmd, report, run, schema, show, significance, stacks, validate
 
 # The order here is the order of ``pgolf --help``.
-COMMANDS = (run, validate, config, bench, list_cmd, show, stacks, schema, report, significance, ledger, data)
+COMMANDS = (run, validate, config, export, bench, list_cmd, show, stacks, schema, report, significance, ledger, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,114 @@
+"""Acceptance: the exported ``train_gpt.py`` of every bundled stack, run as the records are run (``torchrun
+--standalone``, the reference's environment variables), reproduces the reference trajectories within the
+tolerances ``pgolf run`` meets; and with two processes it computes what ``pgolf run`` computes with two."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FIXTURE_1024, FIXTURE_4096, STACKS, TOKENIZER_1024, TOKENIZER_4096, legacy_env, parity_case, run_cli
+from pgolf_core.logparse import parse_log
+from test_parity_stacks import QAT_SWITCH, TRAIN_TOL, TRAIN_TOL_AFTER_QAT, VAL_TOL, VAL_TOL_AFTER_QAT, _check_event, _working_qat
+
+CASES = [
+    ("baseline", "tiny_a_1proc"), ("baseline", "tiny_a_2proc"), ("pr315", "pr315_tiny_a"), ("pr400", "pr400_tiny_a"),
+    ("pr450", "pr450_tiny_a"), ("pr1019", "pr1019_tiny_a"), ("pr1392", "pr1392_tiny_a"), ("pr1319", "pr1319_tiny_a"),
+]
+
+
+def export(tmp_path, stack: str, *sets: str, packed: bool = True):
+    args = ["export", str(STACKS / f"{stack}.toml"), "-o", str(tmp_path / "records")]
+    for expr in sets:
+        args += ["--set", expr]
+    if not packed:
+        args.append("--no-pack")
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp_path / "records" / "train_gpt.py"
+
+
+def torchrun(script, nproc: int, env: dict[str, str], cwd) -> str:
+    """The records' command, ``torchrun --standalone --nproc_per_node=N train_gpt.py``; returns the run's log."""
+    env = {**env, "RUN_ID": "ref", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
+    full = {k: v for k, v in __import__("os").environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    proc = subprocess.run(cmd, cwd=cwd, env={**full, **env}, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return (cwd / "logs" / "ref.txt").read_text()
+
+
+@pytest.mark.parametrize("stack, case", CASES, ids=[f"{s}-{c}" for s, c in CASES])
+def test_exported_script_matches_reference(stack, case, tmp_path):
+    ref = parity_case(stack, case)
+    script = export(tmp_path, stack, *_working_qat(stack))
+    sp4096 = ref["env"].get("vocab_size") == "4096"
+    env = legacy_env(ref, FIXTURE_4096 if sp4096 else FIXTURE_1024, TOKENIZER_4096 if sp4096 else TOKENIZER_1024)
+    log = torchrun(script, ref["nproc"], env, tmp_path)
+    got = parse_log(log)
+    assert got["params"] == ref["params"]
+    switch = next((int(m.group(1)) for m in map(QAT_SWITCH.match, ref["events"]) if m), None)
+    for step, loss in ref["train_loss"].items():
+        tol = TRAIN_TOL_AFTER_QAT if switch is not None and int(step) > switch else TRAIN_TOL
+        assert got["train_loss"][int(step)] == pytest.approx(loss, abs=tol), f"train_loss at step {step}"
+    for step, (loss, bpb) in ref["val"].items():
+        tol = VAL_TOL_AFTER_QAT if switch is not None and int(step) > switch else VAL_TOL
+        assert got["val"][int(step)] == pytest.approx((loss, bpb), abs=tol), f"val at step {step}"
+    assert set(got["finals"]) == set(ref["finals"])
+    for name, (loss, bpb) in ref["finals"].items():
+        assert got["finals"][name] == pytest.approx((loss, bpb), abs=VAL_TOL), name
+    for event in ref["events"]:
+        _check_event(event, log)
+    code = int(re.search(r"Code size: (\d+) bytes", log).group(1))
+    assert code == script.stat().st_size  # the script counts itself, as the references do
+
+
+TOY = ["model.num_layers=4", "model.model_dim=64", "model.num_heads=4", "model.num_kv_heads=2", "data.train_seq_len=32",
+       "data.train_batch_tokens=2048", "data.val_batch_size=4096", "run.iterations=3", "run.warmup_steps=1", "run.val_loss_every=0",
+       "run.train_log_every=1", "run.max_wallclock_seconds=0.0"]
+
+
+def _toy(stack: str) -> list[str]:
+    """The stack at toy size; modifiers with explicit layer lists move onto the 4 layers."""
+    import sys as _sys
+
+    if _sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    data = tomllib.loads((STACKS / f"{stack}.toml").read_text())
+    sets = list(TOY)
+    for i, m in enumerate(data.get("modifier", [])):
+        if isinstance(m.get("layers"), list):
+            sets.append(f"modifier[{i}].layers=[2, 3]")
+        if m.get("use") == "partial_rope":
+            sets.append(f"modifier[{i}].rope_dims=8")
+    evaluator = data.get("evaluator", {})
+    if evaluator.get("use") in ("sliding_window", "slot", "score_first_ttt"):
+        sets += ["evaluator.eval_seq_len=32", "evaluator.stride=16"]
+    if evaluator.get("use") == "slot":
+        sets += ["evaluator.steps=1", "evaluator.batch_seqs=4"]
+    if data.get("quantizer", {}).get("use") == "gptq":
+        sets += ["quantizer.calib_seqs=2", "quantizer.calib_seq_len=8"]
+    return sets
+
+
+TWO_PROCESS = ["baseline", "pr400", "pr1019", "pr1392"]
+
+
+@pytest.mark.parametrize("stack", TWO_PROCESS)
+def test_exported_script_computes_what_pgolf_run_computes_on_two_processes(stack, tmp_path):
+    sp4096 = stack == "pr1392"
+    sets = [*_toy(stack), f"data.path='{FIXTURE_4096 if sp4096 else FIXTURE_1024}'", f"data.tokenizer='{TOKENIZER_4096 if sp4096 else TOKENIZER_1024}'"]
+    args = ["run", str(STACKS / f"{stack}.toml"), "--run-id", "two", "--nproc-per-node", "2"]
+    for expr in sets:
+        args += ["--set", expr]
+    proc = run_cli(args, tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = parse_log((tmp_path / "runs" / "two" / "log.txt").read_text())
+    script = export(tmp_path, stack, *sets)
+    theirs = parse_log(torchrun(script, 2, {}, tmp_path))
+    assert theirs["train_loss"] == ours["train_loss"] and theirs["val"] == ours["val"] and theirs["finals"] == ours["finals"]
