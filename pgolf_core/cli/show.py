@@ -1,5 +1,6 @@
-"""``pgolf show``: one technique's parameters with their defaults, units and legacy environment names, and its
-example; an unknown name gets a did-you-mean."""
+"""``pgolf show``: one technique's parameters with their defaults, units and legacy environment names, the
+sites and parts it hosts (or, for a modifier, what it acts on), and its example; an unknown name gets a
+did-you-mean."""
 
 from __future__ import annotations
 
@@ -48,11 +49,35 @@ def cmd_show(args: argparse.Namespace) -> int:
                 extra.append(f"legacy env {env if isinstance(env, str) else ' / '.join(env)}")
             tail = f" [{'; '.join(extra)}]" if extra else ""
             print(f"    {a.name}: {_type_name(a.type)} = {default}  {a.metadata.get('help', '')}{tail}")
+        _print_interface(registry, r)
         if t.example:
             print("  example:")
             for line in t.example.splitlines():
                 print(f"    {line}")
     return 0
+
+
+def _print_interface(registry: Any, r: Any) -> None:
+    """Sites and parts with their signatures and where installed modules sit; a modifier's footprint."""
+    from ..hooks_doc import describe
+
+    host, footprint, error = describe(registry, r)
+    if error:
+        print(f"  sites: not discovered: the technique does not build in the sample stack with its example ({error})")
+        return
+    if host is not None:
+        if host.sites:
+            print("  sites [state-dict name of the modules installed there]:")
+            for name, signature in host.sites.items():
+                print(f"    {name}: {signature}  [{host.site_path(name)}]")
+        if host.parts:
+            print("  parts [state-dict name of the replacement]:")
+            for name, signature in host.parts.items():
+                print(f"    {name}: {signature}  [{host.part_path(name)}]")
+    if footprint is not None:
+        lines = footprint.lines() or ["acts on: nothing in the model spec (loop events or build-time objects only)"]
+        for line in lines:
+            print(f"  {line}")
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
