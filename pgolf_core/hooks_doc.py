@@ -421,3 +421,39 @@ def describe(registry: Any, registration: Any) -> tuple[HostInterface | None, Fo
     except Exception as exc:  # a technique that does not build in the sample stack: say so, list the rest
         text = re.sub(r"\s+", " ", str(exc)).strip()
         return None, None, f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# -- what pgolf list / pgolf show print (here, not in the CLI modules, which every run loads and counts) ---------
+def interface_fields(registry: Any, registration: Any) -> dict[str, Any]:
+    """``pgolf list --json``'s ``sites`` and ``parts``: name → signature; empty for a technique that hosts nothing,
+    None when it does not build in the sample stack."""
+    host, _, error = describe(registry, registration) if registration.technique.slot != "modifier" else (None, None, None)
+    if error:
+        return {"sites": None, "parts": None}
+    return {"sites": dict(host.sites) if host else {}, "parts": dict(host.parts) if host else {}}
+
+
+def list_line(fields: dict[str, Any], name: str) -> str | None:
+    """``pgolf list``'s line under a technique (``sites: qkv, heads_out, out; parts: rotary``), if any."""
+    if fields["sites"] is None:
+        return f"sites: ? (does not build in the sample stack; see 'pgolf show {name}')"
+    shown = [f"{kind}: {', '.join(fields[kind])}" for kind in ("sites", "parts") if fields[kind]]
+    return "; ".join(shown) or None
+
+
+def show_lines(registry: Any, registration: Any) -> list[str]:
+    """``pgolf show``'s lines: sites and parts with their signatures and where their modules sit in the state
+    dict, or what a modifier acts on."""
+    host, footprint, error = describe(registry, registration)
+    if error:
+        return [f"sites: not discovered: the technique does not build in the sample stack with its example ({error})"]
+    out = []
+    if host is not None and host.sites:
+        out.append("sites [state-dict name of the modules installed there]:")
+        out += [f"  {name}: {signature}  [{host.site_path(name)}]" for name, signature in host.sites.items()]
+    if host is not None and host.parts:
+        out.append("parts [state-dict name of the replacement]:")
+        out += [f"  {name}: {signature}  [{host.part_path(name)}]" for name, signature in host.parts.items()]
+    if footprint is not None:
+        out += footprint.lines() or ["acts on: nothing in the model spec (loop events or build-time objects only)"]
+    return out

@@ -1,6 +1,6 @@
-"""``pgolf list``: the registered techniques by slot, with the sites and parts of host techniques, and plugins
-that failed to load; ``--json`` for tools. Named ``list_cmd`` so the package never holds an attribute ``list``
-that shadows the builtin."""
+"""``pgolf list``: the registered techniques by slot, with the sites and parts of host techniques
+(``pgolf_core.hooks_doc``), and plugins that failed to load; ``--json`` for tools. Named ``list_cmd`` so the
+package never holds an attribute ``list`` that shadows the builtin."""
 
 from __future__ import annotations
 
@@ -16,19 +16,11 @@ from .common import registry_for
 def cmd_list(args: argparse.Namespace) -> int:
     from ..hookspecs import SLOTS
 
-    from ..hooks_doc import describe
+    from ..hooks_doc import interface_fields, list_line
 
     registry = registry_for(args)
     regs = [r for r in registry.all() if not args.slot or r.technique.slot == args.slot]
-    hosts = {(r.technique.slot, r.technique.name): describe(registry, r) for r in regs if r.technique.slot != "modifier"}
-
-    def interface(r) -> tuple[dict[str, str] | None, dict[str, str] | None]:
-        """(sites, parts): empty for techniques that host nothing, None when the technique did not build."""
-        host, _, error = hosts.get((r.technique.slot, r.technique.name), (None, None, None))
-        if error:
-            return None, None
-        return (dict(host.sites), dict(host.parts)) if host is not None else ({}, {})
-
+    hosts = {id(r): interface_fields(registry, r) for r in regs}
     if args.json:
         out = {
             "techniques": [
@@ -45,8 +37,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "compile_safe": r.technique.compile_safe,
                     "example": r.technique.example,
                     "parameters": [a.name for a in attrs.fields(r.technique.params)],
-                    "sites": interface(r)[0],
-                    "parts": interface(r)[1],
+                    **hosts[id(r)],
                 }
                 for r in regs
             ],
@@ -65,12 +56,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             params = ", ".join(a.name for a in attrs.fields(r.technique.params)) or "-"
             print(f"  {r.technique.name:<16} {r.distribution} {r.version}  {r.technique.summary}")
             print(f"  {'':<16} params: {params}")
-            sites, parts = interface(r)
-            if sites is None:
-                print(f"  {'':<16} sites: ? (does not build in the sample stack; see 'pgolf show {r.technique.name}')")
-            elif sites or parts:
-                shown = [f"{kind}: {', '.join(names)}" for kind, names in (("sites", sites), ("parts", parts)) if names]
-                print(f"  {'':<16} {'; '.join(shown)}")
+            if line := list_line(hosts[id(r)], r.technique.name):
+                print(f"  {'':<16} {line}")
             if r.technique.source:
                 print(f"  {'':<16} source: {r.technique.source}")
     for f in registry.failures:

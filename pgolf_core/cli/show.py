@@ -1,5 +1,5 @@
-"""``pgolf show``: one technique's parameters with their defaults, units and legacy environment names, the
-sites and parts it hosts (or, for a modifier, what it acts on), and its example; an unknown name gets a
+"""``pgolf show``: one technique's parameters with their defaults, units and legacy environment names, the sites
+and parts it hosts or what it acts on (``pgolf_core.hooks_doc``), and its example; an unknown name gets a
 did-you-mean."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ def _type_name(t: Any) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from ..hooks_doc import show_lines
+
     registry = registry_for(args)
     regs = registry.find(args.name)
     if not regs:
@@ -49,35 +51,13 @@ def cmd_show(args: argparse.Namespace) -> int:
                 extra.append(f"legacy env {env if isinstance(env, str) else ' / '.join(env)}")
             tail = f" [{'; '.join(extra)}]" if extra else ""
             print(f"    {a.name}: {_type_name(a.type)} = {default}  {a.metadata.get('help', '')}{tail}")
-        _print_interface(registry, r)
+        for line in show_lines(registry, r):
+            print(f"  {line}")
         if t.example:
             print("  example:")
             for line in t.example.splitlines():
                 print(f"    {line}")
     return 0
-
-
-def _print_interface(registry: Any, r: Any) -> None:
-    """Sites and parts with their signatures and where installed modules sit; a modifier's footprint."""
-    from ..hooks_doc import describe
-
-    host, footprint, error = describe(registry, r)
-    if error:
-        print(f"  sites: not discovered: the technique does not build in the sample stack with its example ({error})")
-        return
-    if host is not None:
-        if host.sites:
-            print("  sites [state-dict name of the modules installed there]:")
-            for name, signature in host.sites.items():
-                print(f"    {name}: {signature}  [{host.site_path(name)}]")
-        if host.parts:
-            print("  parts [state-dict name of the replacement]:")
-            for name, signature in host.parts.items():
-                print(f"    {name}: {signature}  [{host.part_path(name)}]")
-    if footprint is not None:
-        lines = footprint.lines() or ["acts on: nothing in the model spec (loop events or build-time objects only)"]
-        for line in lines:
-            print(f"  {line}")
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
