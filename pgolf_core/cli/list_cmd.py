@@ -1,5 +1,6 @@
-"""``pgolf list``: the registered techniques by slot, and plugins that failed to load; ``--json`` for tools.
-Named ``list_cmd`` so the package never holds an attribute ``list`` that shadows the builtin."""
+"""``pgolf list``: the registered techniques by slot, with the sites and parts of host techniques
+(``pgolf_core.hooks_doc``), and plugins that failed to load; ``--json`` for tools. Named ``list_cmd`` so the
+package never holds an attribute ``list`` that shadows the builtin."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from .common import registry_for
 def cmd_list(args: argparse.Namespace) -> int:
     from ..hookspecs import SLOTS
 
+    from ..hooks_doc import interface_fields, list_line
+
     registry = registry_for(args)
     regs = [r for r in registry.all() if not args.slot or r.technique.slot == args.slot]
+    hosts = {id(r): interface_fields(registry, r) for r in regs}
     if args.json:
         out = {
             "techniques": [
@@ -33,6 +37,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "compile_safe": r.technique.compile_safe,
                     "example": r.technique.example,
                     "parameters": [a.name for a in attrs.fields(r.technique.params)],
+                    **hosts[id(r)],
                 }
                 for r in regs
             ],
@@ -51,6 +56,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             params = ", ".join(a.name for a in attrs.fields(r.technique.params)) or "-"
             print(f"  {r.technique.name:<16} {r.distribution} {r.version}  {r.technique.summary}")
             print(f"  {'':<16} params: {params}")
+            if line := list_line(hosts[id(r)], r.technique.name):
+                print(f"  {'':<16} {line}")
             if r.technique.source:
                 print(f"  {'':<16} source: {r.technique.source}")
     for f in registry.failures:

@@ -1,5 +1,6 @@
-"""``pgolf show``: one technique's parameters with their defaults, units and legacy environment names, and its
-example; an unknown name gets a did-you-mean."""
+"""``pgolf show``: one technique's parameters with their defaults, units and legacy environment names, the sites
+and parts it hosts or what it acts on (``pgolf_core.hooks_doc``), and its example; an unknown name gets a
+did-you-mean."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def _type_name(t: Any) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from ..hooks_doc import show_lines
+
     registry = registry_for(args)
     regs = registry.find(args.name)
     if not regs:
@@ -48,6 +51,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 extra.append(f"legacy env {env if isinstance(env, str) else ' / '.join(env)}")
             tail = f" [{'; '.join(extra)}]" if extra else ""
             print(f"    {a.name}: {_type_name(a.type)} = {default}  {a.metadata.get('help', '')}{tail}")
+        for line in show_lines(registry, r):
+            print(f"  {line}")
         if t.example:
             print("  example:")
             for line in t.example.splitlines():
