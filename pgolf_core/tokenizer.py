@@ -17,7 +17,14 @@ def load_tokenizer(path: str, vocab_size: int) -> spm.SentencePieceProcessor:
     if file.suffix != ".model":
         raise DataError(f"data.tokenizer {path}: expected a SentencePiece .model file")
     if not file.is_file():
-        raise DataError(f"data.tokenizer {path}: file not found; set data.tokenizer (or TOKENIZER_PATH with --legacy-env)")
+        from .sample import for_vocab
+
+        sample = for_vocab(vocab_size)
+        offline = f"; or run offline at toy size on the built-in sample (--toy, or data.tokenizer = '{sample}')" if sample else ""
+        raise DataError(
+            f"data.tokenizer {path}: file not found; set data.tokenizer (or TOKENIZER_PATH with --legacy-env), or download it "
+            f"with the shards (pgolf data download --variant sp{vocab_size}, needs the network){offline}"
+        )
     try:
         sp = spm.SentencePieceProcessor(model_file=str(file))
     except Exception as exc:  # sentencepiece raises OSError/RuntimeError with C++ text
