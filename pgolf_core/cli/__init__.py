@@ -1,4 +1,4 @@
-"""The ``pgolf`` command: run, validate, config, bench, bench-gptq, list, show, stacks, schema, report, compare, significance, ledger, data.
+"""The ``pgolf`` command: run, sweep, validate, config, bench, bench-gptq, list, show, stacks, schema, report, compare, significance, ledger, data.
 
 Every user error is printed as one line per problem on stderr (``error: …``) with exit code 2 (3 for an
 artifact over the cap) and no traceback; ``--debug`` shows tracebacks.
@@ -11,10 +11,10 @@ import os
 import sys
 
 from ..errors import PgolfError
-from . import bench, bench_gptq, config, data, ledger, list_cmd, report, run, schema, show, significance, stacks, validate
+from . import bench, bench_gptq, config, data, ledger, list_cmd, report, run, schema, show, significance, stacks, sweep, validate
 
 # The order here is the order of ``pgolf --help``.
-COMMANDS = (run, validate, config, bench, bench_gptq, list_cmd, show, stacks, schema, report, significance, ledger, data)
+COMMANDS = (run, sweep, validate, config, bench, bench_gptq, list_cmd, show, stacks, schema, report, significance, ledger, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
