@@ -15,6 +15,10 @@ from .common import registry_for
 def cmd_list(args: argparse.Namespace) -> int:
     from ..hookspecs import SLOTS
 
+    if args.slot and args.slot not in SLOTS:
+        from ..config.convert import did_you_mean
+
+        raise ConfigError(f"--slot {args.slot}: unknown slot{did_you_mean(args.slot, list(SLOTS))}; slots: {', '.join(SLOTS)}")
     registry = registry_for(args)
     regs = [r for r in registry.all() if not args.slot or r.technique.slot == args.slot]
     if args.json:
@@ -40,8 +44,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    if args.slot and args.slot not in SLOTS:
-        raise ConfigError(f"--slot {args.slot}: unknown slot; slots: {', '.join(SLOTS)}")
     for slot in SLOTS:
         rows = [r for r in regs if r.technique.slot == slot]
         if not rows:
