@@ -117,10 +117,11 @@ def test_data_download_help_says_it_needs_the_network_and_how_much(capsys):
     assert "needs the network" in text and "about 16 GB" in text and "pgolf run STACK --toy" in text
 
 
-def test_missing_data_points_at_download_and_the_offline_sample(tmp_path):
-    proc = run_cli(["run", "pr1392", "--set", f'data.tokenizer="{tmp_path / "t.model"}"'], tmp_path)
-    assert proc.returncode == 2
-    assert "pgolf data download --variant sp4096, needs the network" in proc.stderr and "(--toy, or data.tokenizer = 'sample:sp4096')" in proc.stderr
+def test_missing_data_points_at_download_and_the_offline_sample(tmp_path, capsys):
+    assert main(["run", "pr1392", "--set", f'data.tokenizer="{tmp_path / "t.model"}"', "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "pgolf data download --variant sp4096, needs the network" in err and "(--toy, or data.tokenizer = 'sample:sp4096')" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_stacks_marks_a_reported_score_outside_the_rules(capsys):
@@ -263,5 +264,8 @@ def test_sweep_then_significance_end_to_end(tmp_path):
     sig = run_cli(["significance", "runs/base", "--baseline", "runs/base"], tmp_path)
     assert sig.returncode == 1, sig.stderr  # a recipe does not beat itself
     assert "candidate: n=3" in sig.stdout and "baseline:  n=3" in sig.stdout and "NOT SIGNIFICANT" in sig.stdout
-    again = run_cli(["sweep", "sample", "--seeds", "1", "--set", "run.seed=5"], tmp_path)
-    assert again.returncode == 2 and "the sweep sets run.seed" in again.stderr
+
+
+def test_a_sweep_refuses_to_set_the_seed_twice(capsys):
+    assert main(["sweep", "sample", "--seeds", "1", "--set", "run.seed=5"]) == 2
+    assert "error: --set run.seed=5: the sweep sets run.seed, run.run_id and run.out_dir for each seed; drop this --set" in capsys.readouterr().err
