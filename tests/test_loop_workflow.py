@@ -4,7 +4,6 @@ choice, and the small frictions (did-you-mean, selectors, compare and report on 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 

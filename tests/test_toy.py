@@ -121,10 +121,11 @@ def test_every_switch_of_a_bundled_stack_fires_in_its_toy(registry, name):
             assert abs(step / toy.run.iterations - full_fires[key] / full.run.iterations) < 0.08, (key, step, full_fires[key])
 
 
-def test_set_changes_the_toy_and_config_shows_it(tmp_path):
-    proc = run_cli(["config", "pr1392", "--toy", "--set", "run.iterations=12", "--set", "modifier.depth_recurrence.start_step=3"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+def test_set_changes_the_toy_and_config_shows_it(capsys):
+    from pgolf_core.cli import main
+
+    assert main(["config", "pr1392", "--toy", "--set", "run.iterations=12", "--set", "modifier.depth_recurrence.start_step=3"]) == 0
+    out = capsys.readouterr().out
     assert "# --toy model.model_dim=64" in out and "# --set run.iterations=12" in out
     assert "iterations = 12" in out and "start_step = 3" in out and 'path = "sample:sp4096"' in out
     assert 'name = "pr1392-toy-variant"' in out and 'author = ""' in out and "reported_val_bpb" not in out
