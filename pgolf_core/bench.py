@@ -599,6 +599,8 @@ def cmd_bench(args: argparse.Namespace, stack: Any, registry: Any, nproc: int) -
         raise BenchError("--reference under torchrun: run 'pgolf bench STACK --nproc-per-node N --reference ...' without torchrun; it launches both")
     warmup = stack.run.warmup_steps if args.warmup_steps is None else args.warmup_steps
     extra_env = _parse_kv(args.reference_env)
+    if getattr(args, "threads_line", None):
+        print(args.threads_line, file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="pgolf-bench-data-") as tmp:
         if args.val_tokens is not None:
             from .train import resolve_data_paths
@@ -682,6 +684,8 @@ def _measure_under_torchrun(args: argparse.Namespace, stack: Any, nproc: int, tm
         cmd += ["--plugin", module]
     if args.legacy_env:
         cmd.append("--legacy-env")
+    if getattr(args, "toy", False):
+        cmd.append("--toy")
     if args.peak_tflops is not None:
         cmd += ["--peak-tflops", str(args.peak_tflops)]
     if args.eval:

@@ -62,7 +62,19 @@ def load_shard(file: Path, vocab_size: int | None = None) -> Tensor:
 def shard_files(directory: str | Path, pattern: str, what: str) -> list[Path]:
     root = Path(directory)
     if not root.is_dir():
-        raise DataError(f"data.path {directory}: directory not found; download shards or use data.path = 'sample:sp1024'")
+        import re
+
+        from .sample import SAMPLES
+
+        m = re.search(r"sp(\d+)", root.name)
+        variant = f"sp{m.group(1)}" if m else "sp1024"
+        offline = (
+            f" or run offline at toy size on the built-in sample (--toy, or data.path = 'sample:{variant}')" if variant in SAMPLES else ""
+        )
+        raise DataError(
+            f"data.path {directory}: directory not found; download the shards (pgolf data download --variant {variant}, "
+            f"needs the network){offline}"
+        )
     files = [Path(p) for p in sorted(glob.glob(str(root / pattern)))]
     if not files:
         raise DataError(f"data.path {directory}: no {what} shards matching {pattern}")

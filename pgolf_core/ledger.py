@@ -82,6 +82,9 @@ def make_record(stack: Any, registry: Any, run_dir: Path | None, run_id: str, st
         "status": status,
         "run_dir": str(run_dir) if run_dir is not None else None,
         "stack": stack.path,
+        "name": stack.meta.name,
+        "overrides": list(stack.overrides),
+        "toy": bool(getattr(stack, "toy", ())),
         "stack_sha256": hashlib.sha256(resolved).hexdigest(),
         "recipe_sha256": recipe_hash(stack),
         "seed": stack.run.seed,
@@ -155,6 +158,12 @@ def _num(value: Any, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
 
+def _variant(record: dict[str, Any]) -> str:
+    """``--toy --set k=v ...`` of a run (its seed override aside: seeds are the group's subject)."""
+    sets = [o for o in record.get("overrides") or [] if not str(o).replace(" ", "").startswith("run.seed=")]
+    return " ".join((["--toy"] if record.get("toy") else []) + [f"--set {o}" for o in sets])
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     """Runs grouped by recipe (first seen first), each group headed by its stack, hash and seeds."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -167,7 +176,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
         done = sorted({r.get("seed") for r in recs if r.get("status") == "complete" and r.get("seed") is not None})
         missing = [s for s in seeds if s not in done]
         note = f"; no complete run for seed {', '.join(map(str, missing))}" if missing else ""
-        out.append(f"recipe {digest[:12]}  {', '.join(stacks)}  seeds: {', '.join(map(str, seeds)) or '-'}{note}")
+        variants = sorted({_variant(r) for r in recs} - {""})
+        how = f"  ({'; '.join(variants)})" if variants else ""
+        out.append(f"recipe {digest[:12]}  {', '.join(stacks)}{how}  seeds: {', '.join(map(str, seeds)) or '-'}{note}")
         out.append(f"  {'time':<20} {'run_id':<32} {'seed':>6} {'status':<11} {'val_loss':>10} {'val_bpb':>10} {'bytes_total':>12}  artifact")
         for r in recs:
             artifact = (r.get("artifact") or {}).get("sha256", "")[:12] or "-"

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from .hookspecs import hookimpl
 
-TRAIN_LINE = re.compile(r"^step:\d+/\d+ train_loss:")
+TRAIN_LINE = re.compile(r"^step:(?P<step>\d+)/\d+ train_loss:(?P<loss>\S+)")
 
 
 def interactive(stream: TextIO) -> bool:
@@ -58,6 +58,7 @@ class ProgressBar:
         self.active = False
         self._last_draw = 0.0
         self._line = ""
+        self._loss: tuple[int, float] | None = None  # (step, loss) of the last train line logged
 
     # -- loop observers -------------------------------------------------------------------------------
     @hookimpl
@@ -85,8 +86,11 @@ class ProgressBar:
         parts = [f"step {step}/{total}"]
         if step > 0 and elapsed_s > 0:
             parts.append(f"{rate(step * tokens / elapsed_s)} tok/s")
-        if state.train_loss is not None:
-            parts.append(f"loss {state.train_loss:.4f}")
+        loss = self._loss[1] if self._loss is not None else state.train_loss
+        if loss is not None:
+            # Losses are logged every run.train_log_every steps: say which step an older one is from.
+            at = f" (step {self._loss[0]})" if self._loss is not None and self._loss[0] != step else ""
+            parts.append(f"loss {loss:.4f}{at}")
         eta, capped = self.eta(state)
         parts.append(f"{duration(elapsed_s)}" + (f", ETA {duration(eta)}{' (cap)' if capped else ''}" if eta is not None else ""))
         cap_s = state.stack.run.max_wallclock_seconds
@@ -136,9 +140,22 @@ class ProgressBar:
 
     def console(self, line: str) -> None:
         """Replacement for the run directory's console printing while the bar is up."""
-        if self.active and TRAIN_LINE.match(line):
-            return
+        m = TRAIN_LINE.match(line)
+        if m:
+            try:
+                self._loss = (int(m.group("step")), float(m.group("loss")))
+            except ValueError:
+                pass
+            if self.active:
+                return
         self.print_above(line)
+
+    def close(self) -> None:
+        """End the bar's line (a run stopped mid-way: an error or an interrupt is printed next)."""
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.shown = self.active = False
 
 
 def attach(registry: Any, rundir: Any, runtime: Any, stream: TextIO | None = None) -> Callable[[], None]:
@@ -151,6 +168,7 @@ def attach(registry: Any, rundir: Any, runtime: Any, stream: TextIO | None = Non
     rundir.console = bar.console
 
     def detach() -> None:
+        bar.close()
         rundir.console = None
         if registry.pm.is_registered(bar):
             registry.pm.unregister(bar)

@@ -52,10 +52,23 @@ class RunRecord:
     val: list[dict[str, Any]]
     finals: list[dict[str, Any]]
     switches: list[Switch]
+    status: str = "complete"  # "complete", "failed" (a .failed directory) or "incomplete" (.partial: running, killed)
+    error: str = ""  # a failed run's error line
+    overrides: list[str] = attrs.field(factory=list)  # the run's --set
+    toy: list[str] = attrs.field(factory=list)  # the run's --toy settings
+    legacy_env: list[str] = attrs.field(factory=list)
 
     @property
     def run_id(self) -> str:
         return str(self.summary.get("run_id") or self.path.name)
+
+    @property
+    def variant(self) -> str:
+        """How this run differs from its stack file: ``toy``, the ``--set`` overrides, the legacy env; ``""`` for
+        the stack as written."""
+        parts = (["toy"] if self.toy else []) + [f"--set {o}" for o in self.overrides]
+        parts += [f"env {e.split(' -> ')[0]}" for e in self.legacy_env]
+        return ", ".join(parts)
 
     @property
     def final_loss(self) -> float | None:
@@ -97,9 +110,13 @@ def read_run(path: str | Path) -> RunRecord:
                 except json.JSONDecodeError:
                     raise DataError(f"{metrics_path}:{number}: not a JSON record") from None
     stack_path = run / "stack.toml"
-    stack = tomllib.loads(stack_path.read_text(encoding="utf-8")) if stack_path.is_file() else {}
+    stack_text = stack_path.read_text(encoding="utf-8") if stack_path.is_file() else ""
+    stack = tomllib.loads(stack_text)
+    header = stack_header(stack_text)
     log_path = run / "log.txt"
-    switches = parse_switches(log_path.read_text(encoding="utf-8")) if log_path.is_file() else []
+    log_text = log_path.read_text(encoding="utf-8") if log_path.is_file() else ""
+    switches = parse_switches(log_text)
+    status, error = run_status(run, log_text)
     return RunRecord(
         path=run,
         summary=_read_json(run / "summary.json"),
@@ -109,7 +126,36 @@ def read_run(path: str | Path) -> RunRecord:
         val=[r for r in records if r.get("kind") == "val"],
         finals=[r for r in records if r.get("kind") == "final"],
         switches=switches,
+        status=status,
+        error=error,
+        overrides=header["--set"],
+        toy=header["--toy"],
+        legacy_env=header["legacy env:"],
     )
+
+
+def stack_header(text: str) -> dict[str, list[str]]:
+    """The comment lines ``stack_to_toml`` writes above a run's resolved stack: its ``--toy`` settings, ``--set``
+    overrides and legacy-env mappings (TOML readers drop comments, so they are read here)."""
+    out: dict[str, list[str]] = {"--toy": [], "--set": [], "legacy env:": []}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:].strip()
+        for prefix in out:
+            if body.startswith(prefix + " "):
+                out[prefix].append(body[len(prefix) + 1 :])
+    return out
+
+
+def run_status(run: Path, log_text: str) -> tuple[str, str]:
+    """``(status, error)`` from the directory's name and the ``run_failed:`` line a failed run logs last."""
+    failed = next((line[len("run_failed:") :].strip() for line in reversed(log_text.splitlines()) if line.startswith("run_failed:")), "")
+    if ".failed" in run.name:
+        return "failed", failed
+    if run.name.endswith(".partial"):
+        return "incomplete", "still running, or killed (pgolf run STACK --resume DIR continues a checkpointed run)"
+    return ("failed", failed) if failed else ("complete", "")
 
 
 def parse_switches(log_text: str) -> list[Switch]:
@@ -151,11 +197,14 @@ def render_markdown(run: RunRecord, plot_note: str | None) -> str:
     stopped = f" of {iterations} (stopped at the wallclock cap)" if iterations and steps is not None and steps < iterations else ""
     cap = stack.get("run", {}).get("artifact_cap_bytes")
     step_ms = train_ms / steps if steps and train_ms is not None else None
+    status = {"complete": "complete", "failed": f"**failed**: {run.error or '(no error line in log.txt)'}"}.get(run.status, f"**{run.status}**: {run.error}")
     rows = [
+        ("status", status),
         ("final val_bpb", f"{_fmt(run.final_bpb, '.8f')}" + (f" ({run.finals[-1].get('name')})" if run.finals else "")),
         ("final val_loss", f"{_fmt(run.final_loss, '.8f')} nats"),
         ("stack", f"`{s.get('stack', '-')}`" + (f" (PR #{meta['pr']})" if meta.get("pr") else "")),
         ("seed", _fmt(s.get("seed"))),
+        *([("variant of the stack", variant_text(run))] if run.variant else []),
         ("steps", f"{_fmt(steps)}{stopped}"),
         ("train time", f"{_fmt(train_ms / 1000.0 if train_ms is not None else None, '.1f')} s ({_fmt(step_ms, '.2f')} ms/step)"),
         ("parameters", _fmt(s.get("model_params"), ",")),
@@ -213,6 +262,13 @@ def render_markdown(run: RunRecord, plot_note: str | None) -> str:
     lines += ["## Curves", ""]
     lines += [f"loss.png was not drawn: {plot_note}." if plot_note else "![train and validation loss, LR multiplier](loss.png)"]
     return "\n".join(lines) + "\n"
+
+
+def variant_text(run: RunRecord) -> str:
+    parts = [f"toy (`--toy`, {len(run.toy)} settings; `stack.toml` lists them)"] if run.toy else []
+    parts += [f"`--set {o}`" for o in run.overrides]
+    parts += [f"legacy env `{e}`" for e in run.legacy_env]
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,17 +341,31 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path | None]:
 
 
 def compare_table(runs: list[RunRecord]) -> str:
-    """A markdown table of several runs: the ablation picture in numbers."""
-    head = "| run | stack | seed | steps | train s | params | bytes_total | val_loss | val_bpb |"
-    rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """A markdown table of several runs: the ablation picture in numbers. A failed or unfinished run shows
+    its status and how far it got (its last logged step and validation), and its error below the table."""
+    head = "| run | stack | status | seed | steps | train s | params | bytes_total | val_loss | val_bpb | within the rules | variant |"
+    rows = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    notes = []
     for r in runs:
         s = r.summary
-        train_s = s.get("train_time_ms") / 1000.0 if s.get("train_time_ms") is not None else None
+        stack_meta = r.stack.get("meta", {}) if isinstance(r.stack.get("meta"), dict) else {}
+        stack = s.get("stack") or stack_meta.get("name") or "-"
+        steps = s.get("steps", r.train[-1]["step"] if r.train else None)
+        train_ms = s.get("train_time_ms", r.train[-1].get("train_time_ms") if r.train else None)
+        train_s = train_ms / 1000.0 if train_ms is not None else None
+        loss, bpb = r.final_loss, r.final_bpb
+        if loss is None and r.val:  # not finished: the last validation it reached
+            loss, bpb = r.val[-1].get("val_loss"), r.val[-1].get("val_bpb")
+        rules = {True: "yes", False: "**no**"}.get(s.get("compliant"), "-")
+        seed = s.get("seed", r.stack.get("run", {}).get("seed") if isinstance(r.stack.get("run"), dict) else None)
         rows.append(
-            f"| {r.run_id} | {s.get('stack', '-')} | {_fmt(s.get('seed'))} | {_fmt(s.get('steps'))} | {_fmt(train_s, '.1f')} | "
-            f"{_fmt(s.get('model_params'), ',')} | {_fmt(s.get('bytes_total'), ',')} | {_fmt(r.final_loss, '.5f')} | {_fmt(r.final_bpb, '.5f')} |"
+            f"| {r.run_id} | {stack} | {r.status} | {_fmt(seed)} | {_fmt(steps)} | {_fmt(train_s, '.1f')} | "
+            f"{_fmt(s.get('model_params'), ',')} | {_fmt(s.get('bytes_total'), ',')} | {_fmt(loss, '.5f')} | {_fmt(bpb, '.5f')} | "
+            f"{rules} | {r.variant or '-'} |"
         )
-    return "\n".join(rows) + "\n"
+        if r.status != "complete":
+            notes.append(f"{r.run_id}: {r.status}" + (f": {r.error}" if r.error else "") + ("; val_loss/val_bpb are its last validation" if r.val and r.final_loss is None else ""))
+    return "\n".join(rows + [""] + notes if notes else rows) + "\n"
 
 
 def plot_compare(runs: list[RunRecord], path: Path) -> None:

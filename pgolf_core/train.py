@@ -127,8 +127,21 @@ class DataFiles:
 
 
 def load_data(stack: Stack, device: torch.device, registry: Registry) -> DataFiles:
-    """``load_data_files`` on the stack's paths, the bundled sample's built on first use."""
-    return load_data_files(stack, device, registry, *resolve_data_paths(stack))
+    """``load_data_files`` on the stack's paths, the bundled sample's built on first use; a tokenizer file that
+    is not there says how to get it, or how to run offline on the sample."""
+    data_path, tok_path = resolve_data_paths(stack)
+    if not is_sample(stack.data.tokenizer) and not Path(tok_path).is_file():
+        from .errors import DataError
+        from .sample import for_vocab
+
+        vocab_size = stack.model.vocab_size
+        sample = for_vocab(vocab_size)
+        offline = f"; or run offline at toy size on the built-in sample (--toy, or data.tokenizer = '{sample}')" if sample else ""
+        raise DataError(
+            f"data.tokenizer {tok_path}: file not found; set data.tokenizer (or TOKENIZER_PATH with --legacy-env), or download it "
+            f"with the shards (pgolf data download --variant sp{vocab_size}, needs the network){offline}"
+        )
+    return load_data_files(stack, device, registry, data_path, tok_path)
 
 
 def load_data_files(stack: Stack, device: torch.device, registry: Registry, data_path: str, tok_path: str) -> DataFiles:

@@ -19,12 +19,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("PGOLF_SHARED") or REPO.parent / "shared")
-FIXTURE_1024 = SHARED / "data" / "fixture_sp1024"
-FIXTURE_4096 = SHARED / "data" / "fixture_sp4096"
-TOKENIZER_1024 = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model"
-TOKENIZER_4096 = SHARED / "data" / "tokenizers" / "fineweb_4096_bpe.model"
-PARITY = SHARED / "parity"
+# The fixtures and reference trajectories ship in tests/data/ (see its README), and the tokenizers are the ones
+# pgolf bundles for its samples, so a clone of the repository alone runs the whole suite. PGOLF_SHARED points
+# the suite at another copy of the same layout (data/fixture_sp*, data/tokenizers, parity) instead.
+DATA = Path(__file__).resolve().parent / "data"
+SAMPLES = REPO / "pgolf_core" / "sample"
+SHARED = Path(os.environ["PGOLF_SHARED"]) if os.environ.get("PGOLF_SHARED") else None
+FIXTURE_1024 = SHARED / "data" / "fixture_sp1024" if SHARED else DATA / "fixture_sp1024"
+FIXTURE_4096 = SHARED / "data" / "fixture_sp4096" if SHARED else DATA / "fixture_sp4096"
+TOKENIZER_1024 = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model" if SHARED else SAMPLES / "fineweb_1024_bpe.model"
+TOKENIZER_4096 = SHARED / "data" / "tokenizers" / "fineweb_4096_bpe.model" if SHARED else SAMPLES / "fineweb_4096_bpe.model"
+PARITY = SHARED / "parity" if SHARED else DATA / "parity"
 STACKS = REPO / "stacks"
 
 
@@ -76,7 +81,7 @@ def registry():
 
 
 def tiny_stack(registry, *overrides: str, path: Path | None = None):
-    """The baseline stack at a tiny size on the shared sp1024 fixture, with extra ``--set`` overrides."""
+    """The baseline stack at a tiny size on the sp1024 fixture, with extra ``--set`` overrides."""
     from pgolf_core.config import load_stack
 
     base = [
@@ -100,7 +105,7 @@ def tiny_stack(registry, *overrides: str, path: Path | None = None):
 
 # The slowest modules (whole tiny runs in subprocesses) go first, so that with two workers (pytest -n 2) they run
 # side by side from the start and the short tests fill in at the end, instead of one long run finishing alone.
-SLOW_MODULES = ("test_parity_stacks.py", "test_resume.py", "test_parity_baseline.py", "test_reliability.py")
+SLOW_MODULES = ("test_parity_stacks.py", "test_resume.py", "test_parity_baseline.py", "test_reliability.py", "test_toy.py", "test_loop_workflow.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -170,13 +170,20 @@ def test_resolved_toml_loads_back_to_the_same_stack(registry, tmp_path):
 
 @pytest.mark.parametrize(
     "selector, expected",
-    [("all", [0, 1, 2, 3, 4]), ("last 2", [3, 4]), ("first 2", [0, 1]), ("last 11", [0, 1, 2, 3, 4]), ("-2:", [3, 4]), ("1:3", [1, 2]), ([0, -1], [0, 4])],
+    [("all", [0, 1, 2, 3, 4]), ("last 2", [3, 4]), ("first 2", [0, 1]), ("last 5", [0, 1, 2, 3, 4]), ("-2:", [3, 4]), ("1:3", [1, 2]),
+     ("0:5", [0, 1, 2, 3, 4]), ("-5:", [0, 1, 2, 3, 4]), ([0, -1], [0, 4])],
 )
 def test_layer_selectors(selector, expected):
     assert parse_layers(selector, 5) == expected
 
 
-@pytest.mark.parametrize("selector", ["most", [7], "last x", ["1"]])
-def test_bad_layer_selectors(selector):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "selector, reason",
+    [("most", "unknown selector"), ([7], "outside 0..4"), ("last x", "unknown selector"), (["1"], "must hold ints"),
+     ("last 0", "selects no layer"), ("first 0", "selects no layer"), ("4:2", "selects no layer"), ("5:", "selects no layer"), ([], "selects no layer"),
+     ("last 11", "asks for 11 layers but the model has 5"), ("first 6", "asks for 6 layers"), ("0:7", "names layer 7"), ("-6:", "names layer -6")],
+)
+def test_bad_layer_selectors(selector, reason):
+    """A selector that picks nothing, or layers the model does not have, is an error rather than a quiet no-op or clamp."""
+    with pytest.raises(ValueError, match=reason):
         parse_layers(selector, 5)

@@ -74,7 +74,14 @@ def test_decoding_keeps_one_cache_per_pass_of_a_recurrent_block(registry):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
-    model.eval().topology.recur_active = True  # layer 1 runs twice: its attention is called twice per step
+    model.eval()
+    model.topology.schedule.active = True  # layer 1 runs twice: its attention is called twice per step
+    calls = []
+    hook = model.blocks[1].attn.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        model.logits(torch.zeros(1, 3, dtype=torch.long))
+    hook.remove()
+    assert len(calls) == 2
     ids = torch.randint(0, stack.model.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(_stepwise(model, ids, [1] * 12), _last_of_each_prefix(model, ids), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Acceptance: the seed stacks reproduce their reference scripts' tiny CPU runs (../shared/parity)."""
+"""Acceptance: the seed stacks reproduce their reference scripts' tiny CPU runs (tests/data/parity)."""
 
 from __future__ import annotations
 

@@ -34,8 +34,11 @@ def test_diff_shows_only_resolved_values_that_differ(tmp_path, capsys):
     )
     out = _run(capsys, "config", str(child), "--diff", str(STACKS / "sample.toml"), "--set", "optimizer.scalar_lr=0.02")
     lines = out.splitlines()
-    assert lines[0].startswith("# ") and lines[0].endswith("sample.toml: 4 resolved key(s) differ (old -> new)")
-    assert lines[1:] == ["model.num_layers: 4 -> 5", "optimizer.scalar_lr: 0.04 -> 0.02", 'compressor.use: "zlib" -> "zstd"', "compressor.level: 9 -> 22"]
+    assert lines[0].startswith("# ") and lines[0].endswith("sample.toml: 5 resolved key(s) differ (old -> new)")
+    assert lines[1:] == [
+        'meta.name: "sample" -> "ablation-variant"',  # not inherited; the --set makes a variant of the file
+        "model.num_layers: 4 -> 5", "optimizer.scalar_lr: 0.04 -> 0.02", 'compressor.use: "zlib" -> "zstd"', "compressor.level: 9 -> 22",
+    ]
 
 
 def test_diff_of_a_stack_with_itself_is_empty_and_json_lists_rows(capsys):
@@ -118,7 +121,7 @@ def test_diff_matches_modifiers_by_name_and_reports_their_order(tmp_path, capsys
     old = stack("old", '[[modifier]]\nuse = "xsa"\nlayers = "last 2"\n[[modifier]]\nuse = "ln_scale"\n')
     new = stack("new", '[[modifier]]\nuse = "smeargate"\n[[modifier]]\nuse = "ln_scale"\n[[modifier]]\nuse = "xsa"\nlayers = "last 3"\n')
     lines = _run(capsys, "config", new, "--diff", old).splitlines()[1:]
-    assert 'modifier(smeargate).use: (unset) -> "smeargate"' in lines
-    assert 'modifier(xsa).layers: "last 2" -> "last 3"' in lines
+    assert 'modifier.smeargate.use: (unset) -> "smeargate"' in lines
+    assert 'modifier.xsa.layers: "last 2" -> "last 3"' in lines
     assert 'modifier order: ["xsa", "ln_scale"] -> ["smeargate", "ln_scale", "xsa"]' in lines
-    assert not any(line.startswith("modifier(ln_scale)") for line in lines)  # same settings, only moved
+    assert not any(line.startswith("modifier.ln_scale") for line in lines)  # same settings, only moved

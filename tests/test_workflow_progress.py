@@ -124,5 +124,5 @@ def test_a_run_on_a_terminal_shows_the_bar_and_leaves_a_report(tmp_path):
     assert "step:3/3 val_loss:" in screen and "final_int8_zlib_roundtrip_exact" in screen
     run = tmp_path / "runs" / "tty"
     assert (run / "log.txt").read_text().count("train_loss:") == 3
-    assert "# sample: run tty" in (run / "report.md").read_text()
+    assert "# sample-variant: run tty" in (run / "report.md").read_text()  # --set run.iterations=3: a variant of the stack
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"

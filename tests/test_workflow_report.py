@@ -109,8 +109,8 @@ def test_compare_prints_a_table_and_one_overlaid_plot(tmp_path, capsys):
     plot = tmp_path / "cmp.png"
     assert main(["compare", *map(str, runs), "--plot", str(plot)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("| run | stack | seed | steps |")
-    assert out[2] == "| r0 | stacks/sample.toml | 1337 | 40 | 2.0 | 181,392 | 500,000 | 2.10000 | 1.13514 |"
+    assert out[0].startswith("| run | stack | status | seed | steps |") and out[0].endswith("| within the rules | variant |")
+    assert out[2] == "| r0 | stacks/sample.toml | complete | 1337 | 40 | 2.0 | 181,392 | 500,000 | 2.10000 | 1.13514 | yes | - |"
     assert [line.split(" | ")[0] for line in out[2:]] == ["| r0", "| r1", "| r2"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
 

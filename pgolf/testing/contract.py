@@ -139,11 +139,25 @@ def _check_example(technique: Any, fail: Callable[[str, str], ContractError]) ->
 
 
 def _layers_for(example: dict[str, Any]) -> list[str]:
-    """Deepen the tiny model when an example names explicit layers (``layers = [9, 10]`` as in an 11-layer record)."""
+    """Deepen the tiny model when an example names layers it does not have (``layers = [9, 10]`` or ``"7:"`` as in
+    an 11-layer record, ``"last 5"``): selectors that name missing layers are errors."""
     tiny = tomllib.loads(TINY_STACK)["model"]["num_layers"]
-    wanted = [i for m in example.get("modifier", []) if isinstance(m, dict) and isinstance(m.get("layers"), list)
-              for i in m["layers"] if isinstance(i, int) and not isinstance(i, bool)]
-    deepest = max([i + 1 if i >= 0 else -i for i in wanted], default=0)
+    wanted = []
+    for m in example.get("modifier", []):
+        layers = m.get("layers") if isinstance(m, dict) else None
+        if isinstance(layers, list):
+            wanted += [i + 1 if i >= 0 else -i for i in layers if isinstance(i, int) and not isinstance(i, bool)]
+        elif isinstance(layers, str):
+            words, (lo, colon, hi) = layers.split(), layers.partition(":")
+            if len(words) == 2 and words[0] in ("last", "first") and words[1].isdigit():
+                wanted.append(int(words[1]))
+            elif colon:  # "7:" needs layer 7 to exist (8 layers); "-4:" and ":3" need 4 and 3 layers
+                start, stop = lo.strip(), hi.strip()
+                if start.lstrip("-").isdigit():
+                    wanted.append(int(start) + 1 if int(start) >= 0 else -int(start))
+                if stop.lstrip("-").isdigit():
+                    wanted.append(abs(int(stop)))
+    deepest = max(wanted, default=0)
     return [f"model.num_layers={deepest}"] if deepest > tiny else []
 
 

@@ -1,5 +1,5 @@
-"""The ``pgolf`` command: run, validate, config, export, bench, list, show, stacks, schema, report, compare, significance, ledger, data,
-plus the commands installed plugins add (``pgolf_add_commands``; the gptq plugin's bench-gptq).
+"""The ``pgolf`` command: run, sweep, validate, config, export, bench, list, show, stacks, schema, report, compare, significance,
+ledger, data, plus the commands installed plugins add (``pgolf_add_commands``; the gptq plugin's bench-gptq).
 
 Every user error is printed as one line per problem on stderr (``error: …``) with exit code 2 (3 for an
 artifact over the cap) and no traceback; ``--debug`` shows tracebacks.
@@ -12,10 +12,10 @@ import os
 import sys
 
 from ..errors import PgolfError
-from . import bench, config, data, export, ledger, list_cmd, report, run, schema, show, significance, stacks, validate
+from . import bench, config, data, export, ledger, list_cmd, report, run, schema, show, significance, stacks, sweep, validate
 
 # The order here is the order of ``pgolf --help``.
-COMMANDS = (run, validate, config, export, bench, list_cmd, show, stacks, schema, report, significance, ledger, data)
+COMMANDS = (run, sweep, validate, config, export, bench, list_cmd, show, stacks, schema, report, significance, ledger, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

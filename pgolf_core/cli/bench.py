@@ -4,20 +4,30 @@ imported only when the command runs."""
 from __future__ import annotations
 
 import argparse
+import os
 
-from .common import add_stack_args, load_stack_and_registry, parse_nproc
+from .common import add_stack_args, add_threads_arg, add_toy_arg, load_stack_and_registry, parse_nproc
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import cmd_bench as bench
 
     stack, registry = load_stack_and_registry(args)
-    return bench(args, stack, registry, parse_nproc(args.nproc_per_node))
+    nproc = parse_nproc(args.nproc_per_node)
+    args.threads_line = None
+    if nproc == 1 or "RANK" in os.environ:  # the processes a multi-process bench launches choose their own
+        from ..threads import configure
+
+        line = configure(stack, args.threads)
+        args.threads_line = line if int(os.environ.get("RANK", "0")) == 0 else None  # printed once the arguments are checked
+    return bench(args, stack, registry, nproc)
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     bench = sub.add_parser("bench", parents=[common], help="time training steps: step time, tokens/s, memory, MFU; optionally vs a reference script")
     add_stack_args(bench)
+    add_toy_arg(bench)
+    add_threads_arg(bench)
     bench.add_argument("--steps", type=int, default=100, help="timed steps after the warm-up (default 100)")
     bench.add_argument("--warmup-steps", type=int, help="compile warm-up steps, not timed (default: the stack's run.warmup_steps)")
     bench.add_argument("--peak-tflops", type=float, help="device peak for MFU in TFLOP/s (default 989, H100 SXM dense bf16, on CUDA; none on CPU)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import attrs
@@ -18,14 +19,32 @@ def registry_for(args: argparse.Namespace):
     return default_registry(tuple(getattr(args, "plugin", None) or ()))
 
 
+def bundled_stacks() -> list[str]:
+    from ..config.bundled import bundled_names
+
+    return bundled_names()
+
+
 def resolve_stack_path(value: str) -> str:
-    """A stack argument is a path, or the name of a bundled stack (``baseline`` → the installed baseline.toml)."""
+    """A stack argument is a path, or the name of a bundled stack (``baseline`` → the installed baseline.toml); a
+    name that is neither is one line with the closest bundled name."""
     from ..config.bundled import bundled_stack
 
     if Path(value).is_file():
         return value
     bundled = bundled_stack(value)
-    return str(bundled) if bundled is not None else value
+    if bundled is not None:
+        return str(bundled)
+    if value.endswith(".toml"):
+        return value
+    if "/" not in value and os.sep not in value:
+        import difflib
+
+        names = bundled_stacks()
+        close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ConfigError(f"{value}: no stack file or bundled stack of that name{hint}; bundled: {', '.join(names)} (see 'pgolf stacks')")
+    return value
 
 
 def load_stack_and_registry(args: argparse.Namespace):
@@ -34,12 +53,21 @@ def load_stack_and_registry(args: argparse.Namespace):
 
     registry = registry_for(args)
     env = dict(os.environ) if getattr(args, "legacy_env", False) else None
-    stack = load_stack(resolve_stack_path(args.stack), registry, overrides=args.set or [], legacy_env=env)
+    path = resolve_stack_path(args.stack)
+    if getattr(args, "toy", False):
+        from ..toy import load_toy_stack
+
+        stack, notes = load_toy_stack(path, registry, overrides=args.set or [], legacy_env=env)
+        if int(os.environ.get("RANK", "0")) == 0:
+            for note in notes:
+                print(f"note: --toy: {note}", file=sys.stderr)
+    else:
+        stack = load_stack(path, registry, overrides=args.set or [], legacy_env=env)
     if getattr(args, "run_id", None) or getattr(args, "out_dir", None):
         changes = {}
-        if args.run_id:
+        if getattr(args, "run_id", None):
             changes["run_id"] = args.run_id
-        if args.out_dir:
+        if getattr(args, "out_dir", None):
             changes["out_dir"] = args.out_dir
         stack = attrs.evolve(stack, run=attrs.evolve(stack.run, **changes))
     return stack, registry
@@ -110,3 +138,21 @@ def add_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("stack", help="stack file (or the name of a bundled stack, e.g. baseline)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, value parsed as TOML (repeatable)")
     p.add_argument("--legacy-env", action="store_true", help="apply reference-script environment variables (NUM_LAYERS, ...)")
+
+
+def add_toy_arg(p: argparse.ArgumentParser) -> None:
+    """``--toy``: the stack at CPU toy size on the built-in sample of its vocabulary (``pgolf_core.toy``)."""
+    p.add_argument(
+        "--toy", action="store_true",
+        help="shrink the stack to CPU toy size on the built-in sample of its vocabulary, every switch point kept as a "
+        "fraction of the run (offline; 'pgolf config STACK --toy' shows it); --set then changes the toy's values",
+    )
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads``: intra-op CPU threads (``pgolf_core.threads``)."""
+    p.add_argument(
+        "--threads", type=int, metavar="N",
+        help="CPU threads per process (default: the cores not busy with other work, divided among the processes; "
+        "OMP_NUM_THREADS or PGOLF_THREADS also set it)",
+    )

@@ -8,7 +8,7 @@ import json
 import sys
 
 from ..errors import ConfigError
-from .common import add_stack_args, load_stack_and_registry, resolve_stack_path
+from .common import add_stack_args, add_toy_arg, load_stack_and_registry, resolve_stack_path
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -52,6 +52,7 @@ def _print_as_env(stack, registry) -> int:
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     config = sub.add_parser("config", parents=[common], help="print the resolved stack")
     add_stack_args(config)
+    add_toy_arg(config)
     config.add_argument("--format", choices=("toml", "json"), default="toml")
     config.add_argument("--diff", metavar="OTHER", help="print only the resolved keys whose values differ from stack OTHER (old -> new)")
     config.add_argument("--as-env", action="store_true", help="print the reference script's environment variables for the stack (inverse of --legacy-env)")

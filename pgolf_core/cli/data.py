@@ -23,9 +23,15 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     data = sub.add_parser("data", help="challenge data: download shards and tokenizers")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    dl = data_sub.add_parser("download", parents=[common], help="fetch the published FineWeb shards and tokenizer from the Hugging Face Hub")
+    dl = data_sub.add_parser(
+        "download", parents=[common],
+        help="fetch the published FineWeb shards and tokenizer from the Hugging Face Hub (network; ~16 GB by default)",
+        description="Downloads the challenge's FineWeb shards and tokenizer from the Hugging Face Hub: this needs the network, "
+        "and the default of 80 training shards (8B tokens, ~200 MB each) is about 16 GB on disk; --train-shards 1 "
+        "fetches ~0.2 GB. Offline, any stack runs at toy size on the built-in samples instead: pgolf run STACK --toy.",
+    )
     dl.add_argument("--variant", default="sp1024", help="sp1024, sp4096 (sp<VOCAB_SIZE>) or byte260 (default sp1024)")
-    dl.add_argument("--train-shards", type=int, default=80, help="training shards, a prefix of the export (default 80 = 8B tokens)")
+    dl.add_argument("--train-shards", type=int, default=80, help="training shards, a prefix of the export (default 80 = 8B tokens, ~16 GB; each shard ~200 MB)")
     dl.add_argument("--dir", default="data", help="destination; files land in DIR/datasets/ and DIR/tokenizers/ (default ./data)")
     dl.add_argument("--endpoint", help="Hub base URL (default: $HF_ENDPOINT or https://huggingface.co)")
     dl.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf"), help="dataset repo")

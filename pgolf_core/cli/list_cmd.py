@@ -18,6 +18,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from ..hooks_doc import interface_fields, list_line
 
+    if args.slot and args.slot not in SLOTS:
+        from ..config.convert import did_you_mean
+
+        raise ConfigError(f"--slot {args.slot}: unknown slot{did_you_mean(args.slot, list(SLOTS))}; slots: {', '.join(SLOTS)}")
     registry = registry_for(args)
     regs = [r for r in registry.all() if not args.slot or r.technique.slot == args.slot]
     hosts = {id(r): interface_fields(registry, r) for r in regs}
@@ -45,8 +49,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    if args.slot and args.slot not in SLOTS:
-        raise ConfigError(f"--slot {args.slot}: unknown slot; slots: {', '.join(SLOTS)}")
     for slot in SLOTS:
         rows = [r for r in regs if r.technique.slot == slot]
         if not rows:

@@ -9,9 +9,12 @@ from pathlib import Path
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import NO_MATPLOTLIB, write_report
+    from ..report import NO_MATPLOTLIB, read_run, write_report
 
     md, png = write_report(args.run_dir)
+    run = read_run(args.run_dir)
+    if run.status != "complete":
+        print(f"{args.run_dir}: {run.status}" + (f": {run.error}" if run.error else ""), file=sys.stderr)
     print(f"{md}")
     print(f"{png}" if png else f"loss.png skipped: {NO_MATPLOTLIB}")
     return 0
@@ -22,7 +25,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     runs = [read_run(p) for p in args.runs]
     print(compare_table(runs), end="")
-    if args.no_plot:
+    if not args.plot:  # a picture only where asked for: nothing lands in the working directory unbidden
         return 0
     try:
         plot_compare(runs, Path(args.plot))
@@ -40,6 +43,6 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
     compare = sub.add_parser("compare", parents=[common], help="table and overlaid loss curves of several runs")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    compare.add_argument("--plot", default="compare.png", help="where to write the overlaid plot (default: compare.png)")
-    compare.add_argument("--no-plot", action="store_true", help="only the table")
+    compare.add_argument("--plot", metavar="FILE", help="also draw the runs' train loss and val_bpb curves, overlaid, into FILE (.png)")
+    compare.add_argument("--no-plot", action="store_true", help=argparse.SUPPRESS)  # the table alone is the default now
     compare.set_defaults(func=cmd_compare)

@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 
 from ..errors import ConfigError, PgolfError
-from .common import add_stack_args, check_buildable, load_stack_and_registry, parse_nproc
+from .common import add_stack_args, add_threads_arg, add_toy_arg, check_buildable, load_stack_and_registry, parse_nproc
 
 
 TORCHRUN_PASSTHROUGH = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port", "max_restarts")
@@ -170,8 +170,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from ..rundir import RunDir
     from ..runtime import broadcast_str, setup_runtime
+    from ..threads import configure as configure_threads
     from ..train import load_data, run_training
 
+    threads = configure_threads(stack, args.threads)  # before any work: torch sizes its pool on first use
     runtime = setup_runtime(stack)
     try:
         data_files = load_data(stack, runtime.device, registry)  # bad data fails here, before anything is written
@@ -192,9 +194,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if runtime.is_master:
             print(f"run directory: {rundir.path}", file=sys.stderr)
         from ..progress import attach
+        from ..threads import attach as attach_threads
 
         detach_progress = attach(registry, rundir, runtime)  # a bar on a terminal, plain lines elsewhere
         detach_faults = _attach_faults(registry, runtime)
+        detach_threads = attach_threads(registry, threads if runtime.is_master else None)
         try:
             stop = StopFlag(runtime) if args.checkpoint_every else None
             run_training(
@@ -202,6 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 checkpoint_every=args.checkpoint_every or 0, resume=resume, stop_requested=stop,
             )
         except BaseException as exc:
+            detach_progress()  # end the bar's line first, so what follows does not land on it
             reason = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
             failed = rundir.fail(reason)
             if failed is not None:
@@ -210,6 +215,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 _write_ledger(stack, registry, failed, run_id, "interrupted" if interrupted else "failed", reason)
             raise
         finally:
+            detach_threads()
             detach_faults()
             detach_progress()
         final = rundir.finish()
@@ -280,6 +286,10 @@ def _launch_torchrun(args: argparse.Namespace, nproc: int, stack) -> int:
         cmd += ["--plugin", module]
     if args.legacy_env:
         cmd.append("--legacy-env")
+    if getattr(args, "toy", False):
+        cmd.append("--toy")
+    if getattr(args, "threads", None):
+        cmd += ["--threads", str(args.threads)]
     if args.out_dir:
         cmd += ["--out-dir", args.out_dir]
     if args.run_id:
@@ -302,6 +312,8 @@ def _launch_torchrun(args: argparse.Namespace, nproc: int, stack) -> int:
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     run = sub.add_parser("run", parents=[common], help="train, quantize, compress, round-trip and evaluate a stack")
     add_stack_args(run)
+    add_toy_arg(run)
+    add_threads_arg(run)
     run.add_argument("--nproc-per-node", default="auto", help="processes on this node; 'auto' = number of GPUs (1 on CPU)")
     run.add_argument("--run-id", help="run directory name (default: timestamp-name-hex)")
     run.add_argument("--out-dir", help="parent of the run directory (default: run.out_dir)")

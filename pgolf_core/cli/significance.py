@@ -9,8 +9,14 @@ from ..errors import ConfigError
 
 
 def cmd_significance(args: argparse.Namespace) -> int:
+    import sys
+
     from ..report import read_run
     from ..stats import welch_improvement
+    from ..sweep import expand_runs
+
+    def warn(line: str) -> None:
+        print(f"warning: {line}", file=sys.stderr)
 
     def values(paths: list[str], side: str) -> list[float]:
         out = []
@@ -24,8 +30,8 @@ def cmd_significance(args: argparse.Namespace) -> int:
             out.append(value)
         return out
 
-    candidate = values(args.runs, "candidate")
-    baseline = values(args.baseline, "baseline")
+    candidate = values(expand_runs(args.runs, warn), "candidate")
+    baseline = values(expand_runs(args.baseline, warn), "baseline")
     try:
         r = welch_improvement(candidate, baseline, delta=args.delta, alpha=args.alpha)
     except ValueError as exc:
@@ -44,8 +50,8 @@ def cmd_significance(args: argparse.Namespace) -> int:
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     sig = sub.add_parser("significance", parents=[common], help="the record test: Welch t-test of an improvement over baseline runs")
-    sig.add_argument("runs", nargs="+", metavar="RUN_DIR", help="candidate runs (one per seed)")
-    sig.add_argument("--baseline", nargs="+", required=True, metavar="RUN_DIR", help="baseline runs (one per seed)")
+    sig.add_argument("runs", nargs="+", metavar="RUN_DIR", help="candidate runs (one per seed), or a sweep directory (pgolf sweep)")
+    sig.add_argument("--baseline", nargs="+", required=True, metavar="RUN_DIR", help="baseline runs (one per seed), or a sweep directory")
     sig.add_argument("--metric", choices=("val_loss", "val_bpb"), default="val_loss", help="the challenge's rule is in nats (val_loss)")
     sig.add_argument("--delta", type=float, default=0.005, help="required improvement (default 0.005)")
     sig.add_argument("--alpha", type=float, default=0.01, help="significance level (default 0.01)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_stack_args, check_buildable, load_stack_and_registry
+from .common import add_stack_args, add_toy_arg, check_buildable, load_stack_and_registry
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -45,4 +45,5 @@ def compliance_lines(stack, built: dict) -> list[str]:
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     validate = sub.add_parser("validate", parents=[common], help="resolve and check a stack, build it on the meta device")
     add_stack_args(validate)
+    add_toy_arg(validate)
     validate.set_defaults(func=cmd_validate)

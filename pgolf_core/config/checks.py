@@ -11,7 +11,10 @@ def parse_layers(selector: object, num_layers: int) -> list[int]:
     """Layer selector → sorted layer indices.
 
     Accepted: ``"all"``, ``"last N"``, ``"first N"``, a Python-style slice ``"-4:"`` / ``"2:5"``, or a list of
-    indices (negative counts from the end). Raises ``ValueError`` with the reason.
+    indices (negative counts from the end). A selector that picks no layer (``"last 0"``, ``"4:2"``, ``[]``) or
+    names layers the model does not have (``"last 20"`` of 11, ``"0:20"``) is an error, not a silent no-op or
+    a quiet clamp: either one usually means the stack was written for another depth. Raises ``ValueError``
+    with the reason.
     """
     if isinstance(selector, list):
         out = []
@@ -22,6 +25,8 @@ def parse_layers(selector: object, num_layers: int) -> list[int]:
             if not 0 <= index < num_layers:
                 raise ValueError(f"layer {item} is outside 0..{num_layers - 1}")
             out.append(index)
+        if not out:
+            raise ValueError("an empty layer list selects no layer; drop the modifier or list layers")
         return sorted(set(out))
     if not isinstance(selector, str):
         raise ValueError(f"expected a selector string or a list of ints, got {type(selector).__name__}")
@@ -30,22 +35,39 @@ def parse_layers(selector: object, num_layers: int) -> list[int]:
     if text == "all":
         return list(range(num_layers))
     if len(words) == 2 and words[0] in ("last", "first") and words[1].isdigit():
-        n = min(int(words[1]), num_layers)
+        n = int(words[1])
+        if n == 0:
+            raise ValueError(f"{text!r} selects no layer; drop the modifier or select at least one layer")
+        if n > num_layers:
+            raise ValueError(f"{text!r} asks for {n} layers but the model has {num_layers} (model.num_layers); use 'all' or a smaller N")
         return list(range(num_layers - n, num_layers)) if words[0] == "last" else list(range(n))
     if ":" in text:
         lo, _, hi = text.partition(":")
         try:
-            sl = slice(int(lo) if lo.strip() else None, int(hi) if hi.strip() else None)
+            bounds = [int(b) if b.strip() else None for b in (lo, hi)]
         except ValueError:
             raise ValueError(f"bad slice {text!r}") from None
-        return list(range(num_layers))[sl]
+        for b in bounds:
+            if b is not None and not -num_layers <= b <= num_layers:
+                raise ValueError(f"slice {text!r} names layer {b}, but the model has {num_layers} layers (model.num_layers)")
+        out = list(range(num_layers))[slice(*bounds)]
+        if not out:
+            raise ValueError(f"slice {text!r} selects no layer of {num_layers}; drop the modifier or widen the slice")
+        return out
     raise ValueError(f"unknown selector {text!r}; use 'all', 'last N', 'first N', 'a:b' or a list")
 
 
-def check_stack(stack: Stack, registry: Registry) -> None:
+def check_stack(stack: Stack, registry: Registry, origins: dict[str, str] | None = None) -> None:
+    """``origins`` maps key paths (``model.num_layers``, ``modifier[3].layers``) to the ``--set``/``--toy`` that
+    set them, so a problem an override caused names that override rather than the stack file."""
     problems: list[str] = []
     m = stack.model
-    where = stack.path
+    origins = origins or {}
+
+    def blame(*keys: str) -> str:
+        return next((origins[k] for k in keys if k in origins), stack.path)
+
+    where = blame("model.model_dim", "model.num_heads", "model.num_kv_heads")
     if m.model_dim % m.num_heads:
         problems.append(f"{where}: model.model_dim={m.model_dim} is not divisible by model.num_heads={m.num_heads}")
     elif (m.model_dim // m.num_heads) % 2:
@@ -54,6 +76,7 @@ def check_stack(stack: Stack, registry: Registry) -> None:
         problems.append(f"{where}: model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.num_kv_heads}")
     d = stack.data
     base = stack.run.grad_accum_base
+    where = blame("data.train_batch_tokens", "data.train_seq_len", "run.grad_accum_base")
     if d.train_batch_tokens % d.train_seq_len:
         problems.append(
             f"{where}: data.train_batch_tokens={d.train_batch_tokens} is not a multiple of data.train_seq_len={d.train_seq_len}"
@@ -70,7 +93,8 @@ def check_stack(stack: Stack, registry: Registry) -> None:
         try:
             parse_layers(mod.layers, m.num_layers)
         except ValueError as exc:
-            problems.append(f"{where}: modifier[{i}]({mod.technique}).layers: {exc}")
+            problems.append(f"{blame(f'modifier[{i}].layers', 'model.num_layers')}: modifier[{i}]({mod.technique}).layers: {exc}")
+    where = stack.path
     choices = [(s, c.technique) for s, c in stack.slots.items()] + [("modifier", mc.technique) for mc in stack.modifiers]
     for slot, name in choices:
         reg = registry.get(slot, name)

@@ -48,23 +48,33 @@ def toml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def _modifier_keys(stack: Stack) -> list[str]:
-    """``modifier(xsa)``, or ``modifier(xsa)#2`` for a second use: modifiers are matched by name, not position,
-    so inserting one does not make every later one look changed."""
+def _modifier_uses(stack: Stack) -> list[tuple[str, int]]:
+    """``(name, k)`` for each modifier, k counting the uses of that name from 1: modifiers are matched by name
+    and use, not by position, so inserting one does not make every later one look changed."""
     seen: dict[str, int] = {}
-    keys = []
+    out = []
     for m in stack.modifiers:
         seen[m.technique] = seen.get(m.technique, 0) + 1
-        keys.append(f"modifier({m.technique})" + (f"#{seen[m.technique]}" if seen[m.technique] > 1 else ""))
-    return keys
+        out.append((m.technique, seen[m.technique]))
+    return out
 
 
-def _flat(stack: Stack) -> dict[str, Any]:
+def _modifier_key(name: str, k: int, repeated: set[str]) -> str:
+    """``modifier.xsa``, or ``modifier.value_embedding#2`` where a name is used more than once: the form
+    ``--set`` takes back."""
+    return f"modifier.{name}" + (f"#{k}" if name in repeated else "")
+
+
+def _repeated(*stacks: Stack) -> set[str]:
+    return {name for st in stacks for name, k in _modifier_uses(st) if k > 1}
+
+
+def _flat(stack: Stack, repeated: set[str]) -> dict[str, Any]:
     data = stack_to_dict(stack)
     modifiers = data.pop("modifier", [])
     out = flatten(data)
-    for key, table in zip(_modifier_keys(stack), modifiers):
-        out.update(flatten(table, key + "."))
+    for (name, k), table in zip(_modifier_uses(stack), modifiers):
+        out.update(flatten(table, _modifier_key(name, k, repeated) + "."))
     return out
 
 
@@ -73,13 +83,14 @@ def diff_stacks(old: Stack, new: Stack) -> list[tuple[str, Any, Any]]:
 
     When the modifiers both stacks share are applied in a different order, ``modifier order`` says so.
     """
-    a, b = _flat(old), _flat(new)
+    repeated = _repeated(old, new)
+    a, b = _flat(old, repeated), _flat(new, repeated)
     keys = list(b) + [k for k in a if k not in b]
     rows = [(k, a.get(k), b.get(k)) for k in keys if k not in a or k not in b or not _same(a[k], b[k])]
-    old_order, new_order = _modifier_keys(old), _modifier_keys(new)
+    old_order, new_order = _modifier_uses(old), _modifier_uses(new)
     common = set(old_order) & set(new_order)
     if [k for k in old_order if k in common] != [k for k in new_order if k in common]:
-        rows.append(("modifier order", [k[9:-1] for k in old_order], [k[9:-1] for k in new_order]))
+        rows.append(("modifier order", [n for n, _ in old_order], [n for n, _ in new_order]))
     return rows
 
 

@@ -29,6 +29,7 @@ def stack_to_dict(stack: Stack) -> dict[str, Any]:
 
 def stack_to_toml(stack: Stack) -> str:
     header = [f"# resolved from {stack.path}"]
+    header += [f"# --toy {o}" for o in stack.toy]
     header += [f"# --set {o}" for o in stack.overrides]
     header += [f"# legacy env: {e}" for e in stack.legacy_env]
     return "\n".join(header) + "\n" + tomli_w.dumps(stack_to_dict(stack))

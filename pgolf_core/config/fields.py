@@ -1,7 +1,8 @@
 """``param()``: an attrs field with the metadata pgolf shows to users.
 
 ``help`` and ``unit`` feed ``pgolf show``; ``env`` names the reference script's environment variable, so
-``pgolf run STACK --legacy-env`` can apply a PR README's run command unchanged.
+``pgolf run STACK --legacy-env`` can apply a PR README's run command unchanged; ``toy`` says how ``--toy``
+shrinks the field where its unit and name do not (``pgolf_core.toy``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ def param(
     unit: str = "",
     validator: Any = None,
     env_values: dict[str, Any] | None = None,
+    toy: Any = None,
 ) -> Any:
     """``env`` may be a tuple of aliases; under ``--legacy-env`` the last one present wins. ``env_values`` maps
-    the reference's raw strings to this field's values where they differ (``MUON_EQ_R=1`` → ``"bf16"``)."""
+    the reference's raw strings to this field's values where they differ (``MUON_EQ_R=1`` → ``"bf16"``).
+    ``toy`` is a rule of ``pgolf_core.toy.RULES`` (``"horizon"``, ``"head_dim"``, ``"keep"``, ...) or a number:
+    the most the field may be at toy size."""
     metadata = {"help": help, "unit": unit}
     if env:
         metadata["env"] = env
     if env_values:
         metadata["env_values"] = env_values
+    if toy is not None:
+        metadata["toy"] = toy
     return attrs.field(default=default, metadata=metadata, validator=validator)
 
 

@@ -29,6 +29,13 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 TOP_LEVEL = ["schema_version", "extends", "requires", *CORE_TABLES, *SINGLE_SLOTS, "modifier"]
 
+# Who published a recipe and what it scored belong to that file alone: a stack that extends it is another
+# recipe, so it does not inherit them (a toy of the baseline is not "Baseline" at 1.2244).
+IDENTITY_META = ("name", "author", "github_id", "reported_val_bpb", "reported_bytes")
+# Overrides of these keys repeat a recipe (another seed, another directory, more logging) rather than
+# change it; any other override makes the run a variant of its stack (see ``_variant_meta``).
+NEUTRAL_KEYS = ("run.seed", "run.run_id", "run.out_dir", "run.train_log_every", "run.val_loss_every", "run.save_raw_model")
+
 
 class _Source:
     """Raw text of the stack file and its bases, to point errors at lines."""
@@ -87,6 +94,9 @@ def _read_toml(path: Path, display: str, source: _Source, chain: list[Path]) -> 
     if base_path in chain or base_path == path.resolve():
         raise ConfigError(f"{display}: extends {base_ref}: circular extends")
     base = _read_toml(base_path, _display(base_path), source, [*chain, path.resolve()])
+    meta = base.get("meta")
+    if isinstance(meta, dict):
+        base["meta"] = {k: v for k, v in meta.items() if k not in IDENTITY_META}
     return deep_merge(base, data)
 
 
@@ -125,20 +135,46 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def parse_set(expr: str) -> tuple[list[str | int], Any]:
-    """``section.key=value`` (value as a TOML value, else a plain string) → (path parts, value)."""
+@attrs.define(frozen=True)
+class ModifierRef:
+    """A modifier named in a ``--set`` path: ``modifier.xsa``, ``modifier.xsa#2`` (the second use of the name,
+    counted from 1), or ``modifier(xsa)#2`` as ``pgolf config --diff`` used to print it."""
+
+    name: str
+    occurrence: int | None = None
+
+    def __str__(self) -> str:
+        return self.name + (f"#{self.occurrence}" if self.occurrence else "")
+
+
+def parse_set(expr: str) -> tuple[list[str | int | ModifierRef], Any]:
+    """``section.key=value`` (value as a TOML value, else a plain string) → (path parts, value).
+
+    Modifiers are addressed by position (``modifier[5].start_step``) or by name
+    (``modifier.depth_recurrence.start_step``; ``modifier.value_embedding#2.dim`` when a name repeats).
+    """
     if "=" not in expr:
         raise ConfigError(f"--set {expr}: expected section.key=value")
     lhs, _, rhs = expr.partition("=")
-    parts: list[str | int] = []
+    parts: list[str | int | ModifierRef] = []
     for token in lhs.strip().split("."):
         m = re.fullmatch(r"(\w+)\[(\d+)\]", token)
-        if m:
+        named = re.fullmatch(r"modifier\((\w+)\)(?:#(\d+))?", token)
+        after_modifier = parts == ["modifier"] and re.fullmatch(r"([A-Za-z_]\w*)(?:#(\d+))?", token)
+        if named or after_modifier:
+            found = named or after_modifier
+            ref = ModifierRef(found.group(1), int(found.group(2)) if found.group(2) else None)
+            if ref.occurrence == 0:
+                raise ConfigError(f"--set {expr}: '{token}': uses of a modifier are counted from #1")
+            parts += (["modifier"] if named else []) + [ref]
+        elif m:
             parts += [m.group(1), int(m.group(2))]
         elif re.fullmatch(r"\w+", token):
             parts.append(token)
         else:
-            raise ConfigError(f"--set {expr}: bad key path '{lhs}' (use section.key or modifier[0].key)")
+            raise ConfigError(
+                f"--set {expr}: bad key path '{lhs}' (use section.key, modifier.<name>.key or modifier[0].key)"
+            )
     try:
         value = tomllib.loads(f"v = {rhs.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -146,8 +182,31 @@ def parse_set(expr: str) -> tuple[list[str | int], Any]:
     return parts, value
 
 
+def _modifier_index(data: dict[str, Any], ref: ModifierRef, expr: str) -> int:
+    """The position of the modifier a name refers to in the stack (after ``extends`` and earlier ``--set``)."""
+    mods = data.get("modifier")
+    uses = [m.get("use") if isinstance(m, dict) else None for m in mods] if isinstance(mods, list) else []
+    where = [i for i, use in enumerate(uses) if use == ref.name]
+    names = [u for u in uses if isinstance(u, str)]
+    if not where:
+        listed = ", ".join(dict.fromkeys(names)) or "none"
+        raise ConfigError(
+            f"--set {expr}: the stack has no modifier '{ref.name}'{did_you_mean(ref.name, names)}; its modifiers: {listed} "
+            f"(to add one, list the whole array: --set 'modifier=[...]')"
+        )
+    if ref.occurrence is None:
+        if len(where) > 1:
+            choices = " or ".join(f"modifier.{ref.name}#{k}" for k in range(1, len(where) + 1))
+            raise ConfigError(f"--set {expr}: the stack uses modifier '{ref.name}' {len(where)} times; say which: {choices}")
+        return where[0]
+    if ref.occurrence > len(where):
+        raise ConfigError(f"--set {expr}: the stack uses modifier '{ref.name}' {len(where)} time(s), there is no #{ref.occurrence}")
+    return where[ref.occurrence - 1]
+
+
 def _apply_set(data: dict[str, Any], expr: str) -> str:
     parts, value = parse_set(expr)
+    parts = [_modifier_index(data, p, expr) if isinstance(p, ModifierRef) else p for p in parts]
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
@@ -204,20 +263,30 @@ def load_stack(
     registry: Registry,
     overrides: list[str] | tuple[str, ...] = (),
     legacy_env: dict[str, str] | None = None,
+    toy: list[str] | tuple[str, ...] = (),
 ) -> Stack:
-    """Resolve a stack file into a validated ``Stack`` or raise ``ConfigError`` listing every problem."""
+    """Resolve a stack file into a validated ``Stack`` or raise ``ConfigError`` listing every problem.
+
+    ``toy`` holds ``key=value`` settings from ``pgolf_core.toy`` (``--toy``), applied before ``overrides``, so a
+    ``--set`` changes the toy stack; both are recorded in the resolved stack.
+    """
     stack_path = Path(path)
     source = _Source()
     display = _display(stack_path) if stack_path.is_absolute() else str(path)
     data = _read_toml(stack_path, display, source, [])
     set_paths: dict[str, str] = {}
+    for expr in toy:
+        set_paths[_apply_set(data, expr)] = f"--toy ({expr})"
     for expr in overrides:
-        set_paths[_apply_set(data, expr)] = expr
+        set_paths[_apply_set(data, expr)] = f"--set {expr}"
 
     problems: list[str] = []
 
     def report(keypath: str, message: str) -> None:
-        origin = next((f"--set {e}" for k, e in set_paths.items() if keypath == k or keypath.startswith((k + ".", k + "["))), None)
+        def covers(k: str) -> bool:  # the override set this key, or a key inside the table the problem is about
+            return keypath == k or keypath.startswith((k + ".", k + "[")) or k.startswith((keypath + ".", keypath + "["))
+
+        origin = next((e for k, e in reversed(set_paths.items()) if covers(k)), None)
         problems.append(f"{origin or source.locate(keypath)}: {keypath}: {message}")
 
     for key in data:
@@ -260,12 +329,13 @@ def load_stack(
     if not isinstance(raw_mods, list):
         report("modifier", "expected an array of tables [[modifier]]")
         raw_mods = []
+    num_layers = core["model"].num_layers if core.get("model") is not None else None
     for index, table in enumerate(raw_mods):
         if not isinstance(table, dict):
             report(f"modifier[{index}]", f"expected a table like {{use = \"xsa\"}}, got {type(table).__name__} {table!r}")
             continue
         table = dict(table)
-        if legacy_env is not None and not _legacy_modifier_env(table, index, registry, legacy_env, env_log, problems):
+        if legacy_env is not None and not _legacy_modifier_env(table, index, registry, legacy_env, env_log, problems, num_layers):
             continue
         layers = table.pop("layers", "all")
         choice = _structure_choice(table, "modifier", f"modifier[{index}]", registry, legacy_env, env_log, report)
@@ -286,11 +356,62 @@ def load_stack(
         overrides=tuple(overrides),
         legacy_env=tuple(env_log),
         requires=tuple(required),
+        toy=tuple(toy),
     )
     from .checks import check_stack  # local import: checks needs the registry and the model spec
 
-    check_stack(stack, registry)
+    check_stack(stack, registry, origins=set_paths)
+    if toy or overrides or env_log:
+        changed = [k for k, e in set_paths.items() if e.startswith("--set")] + _env_keys(env_log)
+        variant = bool(toy) or _recipe_differs(stack, stack_path, registry)
+        stack = attrs.evolve(stack, meta=_variant_meta(stack.meta, changed, variant, bool(toy), display))
     return stack
+
+
+def _recipe_differs(stack: Stack, path: Path, registry: Registry) -> bool:
+    """Whether overrides or the legacy environment changed the recipe of the file: a resolved value other than
+    the file's, outside ``meta`` and the keys that only repeat a recipe (a value restated as it was is no change).
+    A file that does not resolve on its own counts as changed."""
+    from .diff import flatten
+    from .dump import stack_to_dict
+
+    try:
+        plain = load_stack(path, registry)
+    except ConfigError:
+        return True
+
+    def recipe(st: Stack) -> dict[str, Any]:
+        return {k: v for k, v in flatten(stack_to_dict(st)).items() if not k.startswith("meta.") and k not in NEUTRAL_KEYS}
+
+    return recipe(plain) != recipe(stack) or [m.technique for m in plain.modifiers] != [m.technique for m in stack.modifiers]
+
+
+def _env_keys(env_log: list[str]) -> list[str]:
+    """The keys the legacy environment changed, from its log lines (``NAME=v -> optimizer(muon).matrix_lr = 0.03``)."""
+    keys = []
+    for line in env_log:
+        m = re.search(r" -> (\S+)", line)
+        if m:
+            keys.append(re.sub(r"\(\w+\)", "", m.group(1)))
+    return keys
+
+
+def _variant_meta(meta: Any, changed: list[str], variant: bool, toy: bool, display: str) -> Any:
+    """A stack changed by ``--toy``, ``--set`` or ``--legacy-env`` is not the published recipe: it is named a
+    variant of it (``pr400-toy``, ``pr400-variant``) and carries no published author or score, so its
+    ``submission.json`` and report cannot be mistaken for the record's. Meta keys the overrides set are kept;
+    a seed, a run directory or logging alone do not make a variant."""
+    if not variant:
+        return meta
+    recipe = [k for k in changed if k not in NEUTRAL_KEYS and not k.startswith("meta.")]
+    mine = {k.removeprefix("meta.") for k in changed if k.startswith("meta.")}
+    updates: dict[str, Any] = {}
+    if "name" not in mine:
+        updates["name"] = (meta.name or Path(display).stem) + ("-toy" if toy else "") + ("-variant" if recipe else "")
+    for key, blank in (("author", ""), ("github_id", ""), ("reported_val_bpb", None), ("reported_bytes", None)):
+        if key not in mine:
+            updates[key] = blank
+    return attrs.evolve(meta, **updates)
 
 
 def _required_plugins(table: Any, registry: Registry, report) -> list[str]:
@@ -312,7 +433,9 @@ def _required_plugins(table: Any, registry: Registry, report) -> list[str]:
     return plugins
 
 
-def _legacy_modifier_env(table: dict, index: int, registry: Registry, env: dict[str, str], log: list[str], problems: list[str]) -> bool:
+def _legacy_modifier_env(
+    table: dict, index: int, registry: Registry, env: dict[str, str], log: list[str], problems: list[str], num_layers: int | None = None
+) -> bool:
     """Apply a modifier's enable switch and layer-selector env vars; False when the env turns it off."""
     name = table.get("use")
     reg = registry.get("modifier", name) if isinstance(name, str) else None
@@ -338,8 +461,13 @@ def _legacy_modifier_env(table: dict, index: int, registry: Registry, env: dict[
                 continue
             if selector is None:
                 continue
+            note = ""
+            words = selector.split() if isinstance(selector, str) else []
+            if num_layers and len(words) == 2 and words[0] in ("last", "first") and words[1].isdigit() and int(words[1]) > num_layers:
+                # The references slice their layer list: XSA_LAST_N=11 on a 5-layer model is every layer.
+                selector, note = f"{words[0]} {num_layers}", f" ({words[1]} > {num_layers} layers: every layer, as the reference reads it)"
             table["layers"] = selector
-            log.append(f"{env_name}={env[env_name]} -> modifier[{index}]({name}).layers = {table['layers']!r}")
+            log.append(f"{env_name}={env[env_name]} -> modifier[{index}]({name}).layers = {table['layers']!r}{note}")
     return True
 
 

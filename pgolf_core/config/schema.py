@@ -124,6 +124,7 @@ class Stack:
     overrides: tuple[str, ...] = ()
     legacy_env: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()  # [requires] plugins: distributions the stack needs
+    toy: tuple[str, ...] = ()  # ``key=value`` settings of ``--toy`` (pgolf_core.toy), applied before ``overrides``
 
     def params(self, slot: str) -> Any:
         return self.slots[slot].params

@@ -2,8 +2,10 @@
 
 ``data.path = "sample:sp1024"`` and ``data.tokenizer = "sample:sp1024"`` make any stack runnable offline:
 the corpus shipped with pgolf (``corpus.txt``, documents separated by ``<|doc|>``) is tokenized with the
-challenge's own 1024-token SentencePiece model (bundled), each document prefixed with BOS, every 8th
-document going to validation. Shards are written once into a cache directory and reused.
+challenge's own SentencePiece model of that vocabulary (bundled: sp1024, and sp4096 / sp8192 for the stacks
+that train on those, such as PR #1392), each document prefixed with BOS, every 8th document going to
+validation. Shards are written once into a cache directory and reused. The same prose under every
+vocabulary, so toy runs of stacks with different tokenizers read the same text.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from ..data import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
 
 HERE = Path(__file__).resolve().parent
-SAMPLES = {"sp1024": HERE / "fineweb_1024_bpe.model"}
+SAMPLES = {f"sp{n}": HERE / f"fineweb_{n}_bpe.model" for n in (1024, 4096, 8192)}
 PREFIX = "sample:"
 VAL_EVERY = 8
 TRAIN_SHARDS = 2
@@ -38,6 +40,12 @@ def sample_name(value: str) -> str:
 
         raise DataError(f"{value}: unknown built-in sample; available: {', '.join(PREFIX + n for n in SAMPLES)}")
     return name
+
+
+def for_vocab(vocab_size: int) -> str | None:
+    """The built-in sample whose tokenizer has ``vocab_size`` pieces (``sample:sp4096``), or None."""
+    name = f"sp{vocab_size}"
+    return PREFIX + name if name in SAMPLES else None
 
 
 def tokenizer_path(value: str) -> str:

@@ -20,7 +20,7 @@ from pgolf_core.registry import Technique
 
 @attrs.define(frozen=True, kw_only=True)
 class PartialRopeParams:
-    rope_dims: int = param(16, help="rotated dims per head; 0 rotates all", env="ROPE_DIMS", validator=non_negative)
+    rope_dims: int = param(16, help="rotated dims per head; 0 rotates all", env="ROPE_DIMS", validator=non_negative, toy="head_dim")
     ntk_seq_len: int = param(1024, help="rescale the base above this sequence length; 0 disables NTK", unit="tokens", validator=non_negative)
 
 

@@ -18,7 +18,7 @@ from pgolf_core.registry import Technique
 
 @attrs.define(frozen=True, kw_only=True)
 class EMAParams:
-    decay: float = param(0.997, help="per-step decay", env="EMA_DECAY", validator=in_range(0.0, 1.0, hi_open=True))
+    decay: float = param(0.997, help="per-step decay", env="EMA_DECAY", toy="horizon", validator=in_range(0.0, 1.0, hi_open=True))
     shadow_swa_every: int = param(
         0,
         help="also sum the weights every N steps once the LR scale is below shadow_swa_start_scale, and never use the sum: "

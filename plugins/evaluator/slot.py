@@ -80,13 +80,13 @@ class SlotParams:
     eval_seq_len: int = param(2048, help="window length; 0 uses data.train_seq_len", unit="tokens", env="EVAL_SEQ_LEN", validator=non_negative)
     stride: int = param(64, help="tokens between window starts (and scored per window)", unit="tokens", env="EVAL_STRIDE", validator=positive)
     batch_seqs: int = param(32, help="windows per batch (one SLOT optimisation per batch)", env="EVAL_BATCH_SEQS", validator=positive)
-    steps: int = param(64, help="scored variant: optimiser steps per batch", env="SLOT_STEPS", validator=non_negative)
+    steps: int = param(64, help="scored variant: optimiser steps per batch", env="SLOT_STEPS", validator=non_negative, toy=4)
     lr: float = param(0.01, help="scored variant: peak AdamW learning rate (cosine from lr to lr_min over the steps)", env="SLOT_LR", validator=non_negative)
     lr_min: float = param(0.001, help="scored variant: learning rate the cosine decays towards", env="SLOT_LR_MIN", validator=non_negative)
     warmstart: float = param(
         0.85, help="scored variant: start from this × the previous batch's delta and bias (0: from zeros)", env="SLOT_WARMSTART", validator=non_negative
     )
-    causal_steps: int = param(8, help="causal variants: AdamW steps per batch on the context NLL", validator=non_negative)
+    causal_steps: int = param(8, help="causal variants: AdamW steps per batch on the context NLL", validator=non_negative, toy=4)
     causal_lr: float = param(0.005, help="causal variants: AdamW learning rate (constant)", validator=non_negative)
     causal_beta1: float = param(0.3, help="causal variants: AdamW beta1", validator=non_negative)
     causal_beta2: float = param(0.9, help="causal variants: AdamW beta2", validator=non_negative)

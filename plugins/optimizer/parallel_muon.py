@@ -49,7 +49,7 @@ class ParallelMuonParams:
     momentum: float = param(0.99, help="Muon momentum after warmup", env="MUON_MOMENTUM", validator=non_negative)
     backend_steps: int = param(5, help="Newton-Schulz iterations", env="MUON_BACKEND_STEPS", validator=positive)
     momentum_warmup_start: float = param(0.92, help="Muon momentum at step 0", env="MUON_MOMENTUM_WARMUP_START")
-    momentum_warmup_steps: int = param(1500, help="steps of linear momentum warmup", env="MUON_MOMENTUM_WARMUP_STEPS", validator=non_negative)
+    momentum_warmup_steps: int = param(1500, help="steps of linear momentum warmup", unit="steps", env="MUON_MOMENTUM_WARMUP_STEPS", validator=non_negative)
     beta1: float = param(0.9, help="AdamW beta1", env="BETA1")
     beta2: float = param(0.95, help="AdamW beta2", env="BETA2")
     adam_eps: float = param(1e-8, help="AdamW epsilon", env="ADAM_EPS", validator=positive)

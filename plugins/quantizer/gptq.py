@@ -113,7 +113,7 @@ class GPTQParams:
         help="'ar_selfgen' (the model's own samples), 'train' (training batches read after the clock: NOT compliant) or 'none' (no Hessians: percentile search only)",
         validator=one_of("ar_selfgen", "train", "none"),
     )
-    calib_seqs: int = param(64, help="self-generated calibration sequences (PR #1392 reads GPTQ_CALIB_BATCHES; #1019/#1319 hard-code 64, and #1319's GPTQ_CALIB_BATCHES only switches calibration on; AR_CALIB_NUM_SEQS, the knob #1319's tiny parity run adds, wins over it)", env=("GPTQ_CALIB_BATCHES", "AR_CALIB_NUM_SEQS"), validator=positive)
+    calib_seqs: int = param(64, help="self-generated calibration sequences (PR #1392 reads GPTQ_CALIB_BATCHES; #1019/#1319 hard-code 64, and #1319's GPTQ_CALIB_BATCHES only switches calibration on; AR_CALIB_NUM_SEQS, the knob #1319's tiny parity run adds, wins over it)", env=("GPTQ_CALIB_BATCHES", "AR_CALIB_NUM_SEQS"), validator=positive, toy="seqs")
     calib_seq_len: int = param(0, help="tokens per self-generated sequence; 0 = data.train_seq_len (#1319 hard-codes 2048)", unit="tokens", env="AR_CALIB_SEQ_LEN", validator=non_negative)
     calib_train_batches: int = param(256, help="training batches read when calibration = 'train' (the references' unused collect_hessians default)", validator=positive)
     temperature: float = param(0.8, help="sampling temperature of the self-generated sequences", validator=positive)

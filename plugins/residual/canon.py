@@ -26,7 +26,7 @@ POSITIONS = {"A": ("residual", "attn_in"), "B": ("attention", "qkv"), "C": ("res
 @attrs.define(frozen=True, kw_only=True)
 class CanonParams:
     positions: str = param("AC", help="any of A (pre-attention), B (qkv), C (pre-MLP), D (MLP hidden)", env="CANON_SET")
-    kernel: int = param(3, help="causal kernel length", unit="tokens", env="CANON_KERNEL", validator=positive)
+    kernel: int = param(3, help="causal kernel length", unit="tokens", env="CANON_KERNEL", validator=positive, toy="keep")
     residual: bool = param(True, help="add the conv output to its input", env="CANON_RESIDUAL")
     activation: bool = param(False, help="SiLU on the conv output", env="CANON_ACTIVATION")
     bias: bool = param(False, help="conv bias", env="CANON_BIAS")
