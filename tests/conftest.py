@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -33,8 +34,13 @@ PARITY = SHARED / "parity" if SHARED else DATA / "parity"
 STACKS = REPO / "stacks"
 
 
+# Every run counts its code as the packed export of its stack, a pure function of the stack and the source; one
+# cache for the whole session (and its workers) saves packing the same stack in every test that runs it.
+os.environ.setdefault("PGOLF_EXPORT_CACHE", os.path.join(tempfile.gettempdir(), f"pgolf-tests-export-cache-{os.getuid()}"))
+
+
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR", "OMP_NUM_THREADS")
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR", "OMP_NUM_THREADS", "PGOLF_EXPORT_CACHE")
     full_env = {k: v for k, v in os.environ.items() if not k.isupper() or k in keep}
     full_env.setdefault("PGOLF_CACHE", str(cwd / ".cache"))
     full_env.update(env or {})

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import add_stack_args, load_stack_and_registry, registry_for
+from .common import add_stack_args, add_toy_arg, load_stack_and_registry, registry_for
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -21,8 +21,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if source.is_dir():
         if not (source / "stack.toml").is_file():
             raise ConfigError(f"{source}: not a pgolf run directory (no stack.toml); give a stack file or a finished run's directory")
-        if args.legacy_env:
-            raise ConfigError("--legacy-env applies to a stack, not to a run directory (its stack is already resolved)")
+        if args.legacy_env or args.toy:
+            raise ConfigError("--legacy-env and --toy apply to a stack, not to a run directory (its stack is already resolved)")
         run_dir = source
         registry = registry_for(args)
         stack = load_stack(source / "stack.toml", registry, overrides=args.set or [])
@@ -39,6 +39,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", parents=[common], help="write a records folder (train_gpt.py, README.md, submission.json, ...) for a stack or a finished run")
     add_stack_args(export)
+    add_toy_arg(export)
     export.add_argument("-o", "--output", required=True, metavar="DIR", help="the records folder to write (must be new or empty)")
     export.add_argument("--no-pack", action="store_true", help="write the readable script instead of the packed one (same behaviour)")
     export.add_argument("--force", action="store_true", help="replace a non-empty DIR")
