@@ -135,3 +135,49 @@ def test_plugin_folders_match_the_packaged_list():
     modules = {str(p.relative_to(REPO / "plugins").with_suffix("")).replace("/", ".") for p in (REPO / "plugins").rglob("*.py")}
     for target in entry_points.values():
         assert target.removeprefix("pgolf.plugins.") in modules, target
+
+
+def test_modules_at_sites_draw_their_weights_under_a_banked_init():
+    """A banked init writes the hosts' own matrices, so they are built without a draw; a modifier's module at a
+    site is built normally (drawn from the seeded RNG, not left as allocated), as the records that add such
+    modules (e.g. attention gates) built them."""
+    import types
+
+    import attrs
+
+    from pgolf import CastedLinear, Technique, hookimpl
+    from pgolf.testing import fresh_registry, tiny_model
+
+    class Probe(torch.nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.proj = CastedLinear(dim, 3, bias=False)  # neither zero-init nor large enough for the orthogonal rule
+
+        def forward(self, y, x, aux=None):
+            return y + 0 * self.proj(x).sum()
+
+    class Adds:
+        def transform(self, spec, layers, name):
+            for i in layers:
+                spec.install("attention", i, "out", lambda host: Probe(host.dim), by=name)
+
+    @attrs.define(frozen=True, kw_only=True)
+    class NoParams:
+        pass
+
+    plugin = types.ModuleType("probe_plugin")
+
+    @hookimpl
+    def pgolf_register_techniques(register):
+        register(Technique(name="probe", slot="modifier", params=NoParams, build=lambda p, c: Adds(), summary="t", example='[[modifier]]\nuse = "probe"'))
+
+    plugin.pgolf_register_techniques = pgolf_register_techniques
+    registry = fresh_registry(plugin)
+    extra = '[init]\nuse = "banked_orthogonal"\n[optimizer]\nuse = "parallel_muon"\n[[modifier]]\nuse = "probe"\nlayers = [1]'
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model, _, _ = tiny_model(registry, extra=extra, seed=0)
+        weights.append(model.blocks[1].attn.out["probe"].proj.weight.detach().clone())
+    bound = 1 / 64 ** 0.5  # kaiming-uniform's bound for fan_in 64
+    assert torch.equal(weights[0], weights[1]) and 0 < weights[0].abs().max() <= bound

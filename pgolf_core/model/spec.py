@@ -25,6 +25,7 @@ from torch import nn
 from ..config.schema import DataConfig, ModelConfig, RunConfig, Stack
 from ..errors import ConfigError
 from ..registry import Registry, Technique
+from .layers import deferred_init
 from .sites import Factory, Site, SiteBuilder, install_key
 
 PER_LAYER = ("attention", "mlp", "residual")
@@ -164,8 +165,11 @@ class BuildContext(SiteBuilder):
 
 
 def _made(factory: Factory, host: nn.Module, by: str, what: str) -> nn.Module:
+    """A modifier's module for a host's site or part. It draws its initial weights from the RNG when it is built,
+    as in the records that introduced it: an init that writes the host's own matrices (banks) defers only those."""
     try:
-        module = factory(host)
+        with deferred_init(False):
+            module = factory(host)
     except ConfigError:
         raise
     except (ValueError, TypeError, AttributeError) as exc:
