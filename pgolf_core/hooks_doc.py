@@ -250,13 +250,10 @@ def modifier_footprint(registry: Any, registration: Any, stack: Any = None) -> F
 
 
 def casted_linear_sites() -> dict[str, str]:
-    """``CastedLinear``'s one site: its ``SITES`` if the class declares them, else the one its docstring describes."""
+    """``CastedLinear``'s one site, set on live layers after the build rather than installed through the spec."""
     from .model.layers import CastedLinear
 
-    declared = getattr(CastedLinear, "SITES", None)
-    if declared:
-        return dict(declared)
-    return {"weight_transform": "(weight fp32, w in the activation dtype) -> w: the weight the matmul uses"}
+    return dict(CastedLinear.SITES)
 
 
 # -- rendering --------------------------------------------------------------------------------------------------

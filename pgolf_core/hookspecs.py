@@ -28,10 +28,10 @@ data for ``pgolf list``)::
     build_init(spec)(model)                               # weights' init       (init slot)
     modifier.attach(model) for each modifier that has it
     loader  = build_loader(stack)(files, rank, world)     # batches             (loader slot)
+    compiled = torch.compile(model, fullgraph=True)       # CUDA; nothing below calls into plugins per token
     opt     = build_optimizer(stack)(model, runtime)      # param groups        (optimizer slot)
     sched   = build_schedule(stack)                       # lr multiplier       (schedule slot)
     avg     = build_averaging(stack)                      # export weights      (averaging slot)
-    compiled = torch.compile(model, fullgraph=True)       # CUDA; nothing below calls into plugins per token
 
     on_train_start(state)
     for step in range(iterations):                        # stops early at the wallclock cap
@@ -39,7 +39,7 @@ data for ``pgolf list``)::
         state.lr_scale = sched.lr_mul(step, elapsed_ms); on_step_start(state)   # late switches (QAT)
         opt.zero_grad(); forward/backward over grad-accumulation micro-batches (loader.next_batch)
         opt.before_step(step); opt.set_lr_scale(state.lr_scale)
-        opt.step()
+        opt.step(model)
         after_optimizer_step(state)                       # averaging updates, late switches
         on_step_end(state)
     on_train_end(state)
@@ -52,7 +52,7 @@ data for ``pgolf list``)::
     evaluator.evaluate(model, env, quant, comp)           # evaluator slot -> [FinalResult] -> final_* lines
 
 Loop events reach two audiences, always outside the compiled step: the *objects built for the stack*
-(in stack order: slots first, then modifiers) when they define ``on_train_start``,
+(the schedule, averaging, quantizer, compressor and evaluator, then the modifiers in stack order) when they define ``on_train_start``,
 ``on_step_start``, ``after_optimizer_step``, ``on_step_end``, ``on_eval_start``, ``on_eval_end``, ``on_train_end``; and any
 installed plugin implementing the matching ``pgolf_on_*`` hook below (loggers, trackers). A plugin may also
 add CLI commands (``pgolf_add_commands``). ``pgolf_core.contracts`` holds every slot's and capability's

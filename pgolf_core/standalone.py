@@ -91,12 +91,14 @@ def apply_environment(data: dict[str, Any], table: list[list[Any]], switches: li
     """The baked stack with the reference's variables applied as ``--legacy-env`` applies them: modifier switches
     (``enable`` 0 drops it) and layer selectors first, then every field's variable."""
     out = copy.deepcopy(data)
+    from_env = []
     for index, enable, selectors in switches:
         for name, to_selector in selectors.items():
             if name in env:
                 selector = to_selector(env[name])
                 if selector is not None:
                     out["modifiers"][index][1] = selector
+                    from_env.append(index)
     for name, where, key, field, kind, mapping in table:
         if name not in env:
             continue
@@ -110,6 +112,11 @@ def apply_environment(data: dict[str, Any], table: list[list[Any]], switches: li
             out["modifiers"][key][2][field] = value
         else:
             out[where][field] = value
+    num_layers = out["model"]["num_layers"]
+    for index in from_env:  # the references slice their layer list: XSA_LAST_N=11 of 5 layers is every layer
+        words = out["modifiers"][index][1].split() if isinstance(out["modifiers"][index][1], str) else []
+        if len(words) == 2 and words[0] in ("last", "first") and words[1].isdigit() and int(words[1]) > num_layers:
+            out["modifiers"][index][1] = f"{words[0]} {num_layers}"
     dropped = {index for index, enable, _ in switches if enable and enable in env and not int(env[enable])}
     out["modifiers"] = [m for i, m in enumerate(out["modifiers"]) if i not in dropped]
     return out

@@ -301,12 +301,12 @@ def test_artifact_over_the_cap_is_reported_before_any_result(tmp_path, capsys, m
     the total, the model alone fits, the artifact does not; the run fails with exit 3 before the artifact,
     submission.json or any final score exists."""
     monkeypatch.chdir(tmp_path)
-    argv = ["run", str(STACKS / "baseline.toml"), *_sets("run.iterations=0", "run.artifact_cap_bytes=200000"), "--out-dir", str(tmp_path / "runs"), "--run-id", "big"]
+    argv = ["run", str(STACKS / "baseline.toml"), *_sets("run.iterations=0", "run.artifact_cap_bytes=90000"), "--out-dir", str(tmp_path / "runs"), "--run-id", "big"]
     code, out, err = _cli(capsys, argv)
-    _assert_one_line_errors(code, err, "over the 200000-byte cap by", exit_code=3, only_errors=False)
+    _assert_one_line_errors(code, err, "over the 90000-byte cap by", exit_code=3, only_errors=False)
     numbers = re.search(r"artifact is (\d+) bytes \(code (\d+) \+ model (\d+)\)", err)
     total, code_bytes, model_bytes = map(int, numbers.groups())
-    assert total == code_bytes + model_bytes > 200_000 > model_bytes and 10_000 < code_bytes < 60_000
+    assert total == code_bytes + model_bytes > 90_000 > model_bytes and 10_000 < code_bytes < 60_000
     runs = tmp_path / "runs"
     assert not (runs / "big").exists() and not list(runs.rglob("submission.json")) and not list(runs.rglob("*.ptz"))
     log = (runs / "big.failed" / "log.txt").read_text()

@@ -37,7 +37,9 @@ def test_wheel_installs_and_runs_the_bundled_sample_from_an_empty_directory(tmp_
 
     stacks = _run([str(python), "-m", "pgolf", "stacks"], empty)
     assert stacks.returncode == 0, stacks.stderr
-    assert sorted(line.split()[0] for line in stacks.stdout.splitlines()) == sorted(p.stem for p in STACKS.glob("*.toml"))
+    header, *rows = [line for line in stacks.stdout.splitlines() if line and not line.startswith("note:")]
+    assert header.split()[0] == "stack"
+    assert sorted(line.split()[0] for line in rows) == sorted(p.stem for p in STACKS.glob("*.toml"))
 
     listing = json.loads(_run([str(python), "-m", "pgolf", "list", "--json"], empty).stdout)
     modules = {t["module"] for t in listing["techniques"] if t["distribution"] == "pgolf"}

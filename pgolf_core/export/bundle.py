@@ -21,7 +21,10 @@ have to be installed where the script runs, so only the libraries a record may i
 from __future__ import annotations
 
 import ast
+import functools
+import importlib.metadata
 import importlib.util
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,17 +33,22 @@ from typing import Any
 from ..errors import ConfigError
 
 BUNDLED_PREFIXES = ("pgolf_core", "pgolf")
-ALLOWED_EXTERNAL = {
-    "torch", "numpy", "sentencepiece", "zstandard", "brotli",
-    # the standard library a record may use
-    "__future__", "argparse", "collections", "contextlib", "copy", "dataclasses", "errno", "functools", "glob", "io",
-    "itertools", "json", "lzma", "math", "os", "pathlib", "random", "re", "sys", "time", "typing", "uuid", "warnings",
-    "zlib", "types", "numbers", "operator", "string", "struct", "hashlib", "datetime", "platform", "enum", "abc",
-}
-"""Top-level modules an exported script may import (torch, numpy, sentencepiece, a compressor's library and the
-standard library). Anything else a bundled definition imports is an error naming it."""
 DROPPED_IMPORTS = {"attrs", "cattrs", "pluggy", "tomli", "tomli_w", "tomllib"}
 """Imports that only pgolf's configuration and plugin machinery use: never reachable from a run's code."""
+
+
+@functools.cache
+def installed_modules() -> dict[str, list[str]]:
+    """Top-level import name -> the installed distributions that provide it."""
+    return importlib.metadata.packages_distributions()
+
+
+def external_allowed(top: str) -> bool:
+    """An exported script may import the standard library and any installed distribution (torch, numpy,
+    sentencepiece, a compressor's library, a plugin's own dependency), never pgolf's configuration machinery."""
+    if top in DROPPED_IMPORTS:
+        return False
+    return top in sys.stdlib_module_names or top in installed_modules()
 
 
 @dataclass
@@ -62,8 +70,8 @@ class Module:
     order: list[str] = field(default_factory=list)
 
 
-def _is_bundled(module: str) -> bool:
-    return any(module == p or module.startswith(p + ".") for p in BUNDLED_PREFIXES)
+def _within(module: str, prefixes: Iterable[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
 def _resolve(current: str, level: int, module: str | None, is_package: bool) -> str:
@@ -96,8 +104,15 @@ def _is_hookimpl(node: ast.stmt) -> bool:
 
 
 class Bundler:
-    def __init__(self) -> None:
+    """Reads modules on demand. ``packages``: the top-level packages whose code is copied into the script (pgolf
+    and every package that registers a technique the stack uses); imports from anything else stay imports."""
+
+    def __init__(self, packages: Iterable[str] = BUNDLED_PREFIXES) -> None:
         self.modules: dict[str, Module] = {}
+        self.packages = tuple(dict.fromkeys([*BUNDLED_PREFIXES, *packages]))
+
+    def is_bundled(self, module: str) -> bool:
+        return _within(module, self.packages)
 
     # -- reading modules ---------------------------------------------------------------------------------
     def module(self, name: str) -> Module:
@@ -124,7 +139,7 @@ class Bundler:
             source = _resolve(mod.name, stmt.level, stmt.module, package)
             for alias in stmt.names:
                 local = alias.asname or alias.name
-                if _is_bundled(source):
+                if self.is_bundled(source):
                     sub = f"{source}.{alias.name}"
                     mod.imports[local] = (sub, None) if _is_module(sub) else (source, alias.name)
                 else:
@@ -133,7 +148,7 @@ class Bundler:
         if isinstance(stmt, ast.Import):
             for alias in stmt.names:
                 local = alias.asname or alias.name.split(".")[0]
-                if _is_bundled(alias.name):
+                if self.is_bundled(alias.name):
                     mod.imports[local] = (alias.name if alias.asname else alias.name.split(".")[0], None)
                 else:
                     mod.externals[local] = ast.Import(names=[alias])
@@ -282,7 +297,7 @@ class _HoistLocalImports(ast.NodeTransformer):
 
     def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST | None:
         source = _resolve(self.mod.name, node.level, node.module, self.package)
-        if self.depth == 0 or not _is_bundled(source):
+        if self.depth == 0 or not self.bundler.is_bundled(source):
             return node
         for alias in node.names:
             sub = f"{source}.{alias.name}"
@@ -373,10 +388,11 @@ class Closure:
         if name in mod.externals:
             stmt = mod.externals[name]
             top = (stmt.module if isinstance(stmt, ast.ImportFrom) else stmt.names[0].name).split(".")[0]
-            if top in DROPPED_IMPORTS or top not in ALLOWED_EXTERNAL:
+            if not external_allowed(top):
+                why = "pgolf's configuration machinery, which a run never needs" if top in DROPPED_IMPORTS else "not installed"
                 raise ConfigError(
-                    f"export: {module} needs '{name}' from {top}, which an exported script may not import "
-                    f"(allowed: torch, numpy, sentencepiece, zstandard, brotli and the standard library)"
+                    f"export: {module} needs '{name}' from {top} ({why}); an exported script imports only the "
+                    f"standard library and installed distributions: move the import where the run does not reach it"
                 )
             text = ast.unparse(stmt)
             if self.externals.get(name, text) != text:
@@ -596,12 +612,12 @@ def _used(stack: Any) -> list[tuple[str, str]]:
 
 def script_source(stack: Any, registry: Any) -> str:
     """The readable exported script for ``stack``: the code it runs, its data, and the ``main`` call."""
-    bundler = Bundler()
+    used = {key: registry.get(*key) for key in dict.fromkeys(_used(stack))}
+    bundler = Bundler(found.module.split(".")[0] for found in used.values())
     closure = Closure(bundler)
     closure.add(ENTRY)
     regs: dict[tuple[str, str], Registration] = {}
-    for slot, name in dict.fromkeys(_used(stack)):
-        found = registry.get(slot, name)
+    for (slot, name), found in used.items():
         regs[(slot, name)] = reg = registration(bundler, found.module, slot, name)
         closure.seed(reg.module, reg.build)
         for expr in reg.layers_env.values():

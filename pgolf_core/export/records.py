@@ -7,32 +7,35 @@ complete or absent.
 
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .bundle import script_source
+from .bundle import installed_modules, script_source
 from .pack import pack
 
-REQUIREMENTS = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece", "zstandard": "zstandard", "brotli": "brotli"}
-"""Import name → the distribution a record's requirements.txt names."""
-
-
 def requirements(source: str) -> list[str]:
-    """The distributions the exported script imports (the standard library aside)."""
-    found = []
-    for line in source.splitlines():
-        words = line.split()
-        if len(words) >= 2 and words[0] in ("import", "from"):
-            top = words[1].split(".")[0]
-            if top in REQUIREMENTS and REQUIREMENTS[top] not in found:
-                found.append(REQUIREMENTS[top])
-    return sorted(found)
+    """The distributions the exported script imports, found from its import statements (the standard library
+    aside): what a record's ``requirements.txt`` names."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            tops = [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            tops = [node.module.split(".")[0]]
+        else:
+            continue
+        for top in tops:
+            if top not in sys.stdlib_module_names:
+                found.update(installed_modules().get(top, [top]))
+    return sorted(found, key=str.lower)
 
 
 def _technique_rows(stack: Any, registry: Any) -> list[str]:

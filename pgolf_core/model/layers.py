@@ -34,6 +34,7 @@ class CastedLinear(nn.Linear):
     the matmul uses; late QAT's straight-through fake quantization is one. ``None`` adds nothing.
     """
 
+    SITES = {"weight_transform": "(weight fp32, w in the activation dtype) -> w: the weight the matmul uses"}
     _zero_init: bool = False
     _defer_init: bool = False  # set by ``deferred_init()``: construct without drawing from the RNG
 

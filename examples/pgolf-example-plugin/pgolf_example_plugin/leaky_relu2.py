@@ -12,10 +12,7 @@ import attrs
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf_core.config.fields import in_range, param, positive
-from pgolf_core.hookspecs import hookimpl
-from pgolf_core.model.layers import CastedLinear, zero_init
-from pgolf_core.registry import Technique
+from pgolf import CastedLinear, Technique, hookimpl, in_range, param, positive, zero_init
 
 
 @attrs.define(frozen=True, kw_only=True)
