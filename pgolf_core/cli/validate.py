@@ -9,6 +9,7 @@ from .common import add_stack_args, check_buildable, load_stack_and_registry
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from ..config.checks import memory_estimate
     from ..model.gpt import count_parameters
 
     stack, registry = load_stack_and_registry(args)
@@ -16,6 +17,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     n = count_parameters(model)
     print(f"{stack.path}: ok")
     print(f"model_params:{n}")
+    print(f"memory: {memory_estimate(stack, n).describe()}")
     for slot, choice in stack.slots.items():
         print(f"  {slot:<10} {choice.technique}")
     for i, mod in enumerate(stack.modifiers):
