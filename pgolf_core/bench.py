@@ -660,7 +660,9 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path == "-":
         sys.stdout.write(text)
     else:
-        Path(path).write_text(text, encoding="utf-8")
+        from .rundir import atomic_write
+
+        atomic_write(Path(path), text.encode("utf-8"))
 
 
 def _row_state(row: PgolfRow) -> dict[str, Any]:

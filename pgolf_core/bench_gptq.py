@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,5 +96,6 @@ def format_gptq_bench(result: dict) -> str:
 
 
 def dump(result: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    from .rundir import atomic_write
+
+    atomic_write(Path(path), json.dumps(result, indent=1).encode("utf-8"))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_stack_args, load_stack_and_registry, parse_nproc
+from .common import add_stack_args, check_output_file, load_stack_and_registry, parse_nproc
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import cmd_bench as bench
 
+    check_output_file("--json", args.json)
     stack, registry = load_stack_and_registry(args)
     return bench(args, stack, registry, parse_nproc(args.nproc_per_node))
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from .common import add_stack_args, load_stack_and_registry
+from .common import add_stack_args, check_output_file, load_stack_and_registry
 
 
 def cmd_bench_gptq(args: argparse.Namespace) -> int:
     from ..bench_gptq import dump, format_gptq_bench, run_gptq_bench
 
+    check_output_file("--json", args.json)
     stack, registry = load_stack_and_registry(args)
     modes = [m.strip() for m in args.kv_cache.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("exact", "approximate", "off")]
