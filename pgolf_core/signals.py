@@ -51,6 +51,7 @@ class SignalGuard:
         self.received: list[str] = []
         self.requested = False  # a signal asked to stop (the training loop's flag)
         self.thrown = False  # a StoppedError left the handler: later signals are only recorded
+        self.opened = False  # the run directory exists (before that, a stop leaves nothing behind)
         self._shield = 0
         self._saved: dict[int, Any] = {}
 
@@ -109,10 +110,12 @@ class SignalGuard:
         where = PHASES.get(self.phase, self.phase)
         if self.phase == "train":
             where += f" at step {self.step}"
-        hint = (
-            "continue with --resume RUN_DIR from the last checkpoint" if self.graceful
-            else "the run had no checkpoints (--checkpoint-every N lets --resume continue a stopped run)"
-        )
+        if not self.opened:
+            hint = "nothing was written"
+        elif self.graceful:
+            hint = "continue with --resume RUN_DIR from the last checkpoint"
+        else:
+            hint = "the run had no checkpoints (--checkpoint-every N lets --resume continue a stopped run)"
         return StoppedError(f"stopped by {name} {where}; {hint}")
 
     # -- the training loop's stop flag (``stop_requested``) -------------------------------------------------

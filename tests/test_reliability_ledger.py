@@ -71,22 +71,24 @@ def test_pgolf_ledger_skips_malformed_records_with_a_warning(tmp_path, capsys):
 
 
 def test_a_finished_runs_line_is_written_before_its_directory_is_committed(cli, small_data, tmp_path, monkeypatch):
-    """Killed between the ledger line and the rename, a finished run still has its line (pointing at where the
-    run is committed); the reverse order could lose it."""
+    """When the rename that commits a finished run starts, its ledger line (pointing at where the run will be) is
+    already on disk: a kill between the two leaves a line, never a finished run without one."""
     runs = tmp_path / "runs"
+    real = rundir_module.RunDir.finish
+    seen = []
 
-    class Killed(BaseException):
-        pass
+    def finish(self):
+        seen.append(((runs / "ledger.jsonl").read_text(), self.path.name, self.final.exists()))
+        return real(self)
 
-    def killed_before_rename(self):
-        raise Killed
-
-    monkeypatch.setattr(rundir_module.RunDir, "finish", killed_before_rename)
-    with pytest.raises(Killed):
-        cli(_argv(small_data, runs, "run.iterations=2", run_id="r"))
-    (record,) = [json.loads(line) for line in (runs / "ledger.jsonl").read_text().splitlines()]
+    monkeypatch.setattr(rundir_module.RunDir, "finish", finish)
+    code, err = cli(_argv(small_data, runs, "run.iterations=2", run_id="r"))
+    assert code == 0, err
+    ((ledger, working, committed),) = seen
+    (record,) = [json.loads(line) for line in ledger.splitlines()]
+    assert (working, committed) == ("r.partial", False)
     assert record["status"] == "complete" and record["run_dir"] == str(runs / "r") and record["artifact"]["bytes"] > 0
-    assert (runs / "r.partial" / "summary.json").is_file()
+    assert (runs / "ledger.jsonl").read_text() == ledger and (runs / "r" / "summary.json").is_file()
 
 
 def test_signals_during_the_commit_wait_for_it(cli, small_data, tmp_path, monkeypatch):

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import STACKS
 from pgolf_core import checkpoint
 from pgolf_core.errors import ConfigError, DataError
 from pgolf_core.rundir import RunLock, _process_start
@@ -94,7 +93,7 @@ def test_a_second_run_with_a_running_runs_id_is_refused(cli, small_data, tmp_pat
     import time
 
     runs = tmp_path / "runs"
-    argv = [sys.executable, "-m", "pgolf", *_argv(small_data, runs, "run.iterations=40", "run.val_loss_every=0", run_id="same")]
+    argv = [sys.executable, "-m", "pgolf", *_argv(small_data, runs, "run.iterations=12", "run.val_loss_every=0", run_id="same")]
     first = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120

@@ -278,7 +278,7 @@ def _run(args, stack, registry, params: int, plan: ResumePlan | None, guard) -> 
             try:
                 with guard.shield(deliver=True):  # opened and armed together: a signal cannot fall in between
                     _on_master(runtime, lambda: _open_rundir(rundir, source))
-                    cleanup.armed = True  # from here on, a failure marks this run's directory failed
+                    cleanup.armed = guard.opened = True  # from here on, a failure marks this run's directory failed
                 return _train_and_commit(args, stack, registry, runtime, rundir, data_files, source is not None, plan, guard, extra)
             except BaseException as exc:
                 cleanup.failed(exc)
