@@ -593,7 +593,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace, stack: Any, registry: Any, nproc: int) -> int:
     _check_args(args)
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    from .procenv import read_process_env
+
+    under_torchrun = read_process_env().distributed
     worker = under_torchrun and os.environ.get(_WORKER_ENV) == "1"
     if under_torchrun and not worker and args.reference:
         raise BenchError("--reference under torchrun: run 'pgolf bench STACK --nproc-per-node N --reference ...' without torchrun; it launches both")
@@ -662,7 +664,9 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path == "-":
         sys.stdout.write(text)
     else:
-        Path(path).write_text(text, encoding="utf-8")
+        from .rundir import atomic_write
+
+        atomic_write(Path(path), text.encode("utf-8"))
 
 
 def _row_state(row: PgolfRow) -> dict[str, Any]:

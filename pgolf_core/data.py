@@ -31,7 +31,10 @@ def read_shard_header(file: Path) -> int:
         raise DataError(f"{file}: cannot read shard ({exc.strerror})") from None
     if size < HEADER_BYTES:
         raise DataError(f"{file}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header; the file is truncated or not a shard")
-    header = np.fromfile(file, dtype="<i4", count=HEADER_INTS)
+    try:
+        header = np.fromfile(file, dtype="<i4", count=HEADER_INTS)
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read shard ({exc.strerror or exc})") from None
     if int(header[0]) != SHARD_MAGIC:
         raise DataError(f"{file}: bad magic {int(header[0])} (expected {SHARD_MAGIC}); not a challenge token shard")
     if int(header[1]) != SHARD_VERSION:
@@ -48,7 +51,10 @@ def read_shard_header(file: Path) -> int:
 
 def load_shard(file: Path, vocab_size: int | None = None) -> Tensor:
     count = read_shard_header(file)
-    tokens = np.fromfile(file, dtype="<u2", count=count, offset=HEADER_BYTES)
+    try:
+        tokens = np.fromfile(file, dtype="<u2", count=count, offset=HEADER_BYTES)
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read shard ({exc.strerror or exc})") from None
     if tokens.size != count:
         raise DataError(f"{file}: short read ({tokens.size} of {count} tokens)")
     if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
@@ -75,9 +81,12 @@ def shard_files(directory: str | Path, pattern: str, what: str) -> list[Path]:
             f"data.path {directory}: directory not found; download the shards (pgolf data download --variant {variant}, "
             f"needs the network){offline}"
         )
-    files = [Path(p) for p in sorted(glob.glob(str(root / pattern)))]
+    files = [Path(p) for p in sorted(glob.glob(glob.escape(str(root)) + "/" + pattern))]
     if not files:
         raise DataError(f"data.path {directory}: no {what} shards matching {pattern}")
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f}: not a file; a shard is a file of tokens (move what is there out of data.path)")
     return files
 
 

@@ -46,6 +46,18 @@ class NonFiniteError(PgolfError):
     exit_code = 4
 
 
+class StoppedError(PgolfError):
+    """SIGTERM or SIGINT stopped the command (128 + SIGINT, as a shell reports an interrupted program)."""
+
+    exit_code = 130
+
+
+class OutputClosedError(PgolfError):
+    """The reader of stdout went away (``pgolf run ... | head``): 128 + SIGPIPE, as a shell reports it."""
+
+    exit_code = 141
+
+
 DISK_FULL_ERRNOS = tuple(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
 
 

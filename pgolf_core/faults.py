@@ -60,7 +60,9 @@ class FaultInjector:
 
     def __init__(self, faults: list[Fault], rank: int) -> None:
         mine = [f for f in faults if f.rank is None or f.rank == rank]
-        first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
+        from .procenv import attempt_or_zero
+
+        first_attempt = attempt_or_zero() == 0
         self.exits = {f.step: f.code for f in mine if f.kind == "exit" and first_attempt}
         self.nan_steps = {f.step for f in mine if f.kind == "nan"}
         self.poison = False

@@ -2,16 +2,20 @@
 
 A line says what ran (stack path, the sha256 of its resolved TOML, the recipe hash that ignores the seed and
 run directory, seed, pgolf version, git commit of pgolf's source tree, installed plugin distributions), how
-it ended (status, the error line) and what it produced (final numbers, artifact sha256 and bytes). Rank 0
-appends each line with a single ``write`` on a descriptor opened with ``O_APPEND``, then ``fsync``: lines of
-concurrent runs never interleave and a crash never leaves half a line behind another. ``pgolf ledger``
-prints the file grouped by recipe, with the seeds each recipe ran with, so a recipe whose seeds did not all
-complete shows.
+it ended (status, the error line) and what it produced (final numbers, artifact sha256 and bytes).
+
+An append is a whole line or nothing: rank 0 takes an exclusive ``flock`` on the file, makes sure the file
+ends with a newline (a line torn by a crash elsewhere is closed, not glued to the next record), writes the
+line with a single ``write`` on an ``O_APPEND`` descriptor and ``fsync``s; a short write (a full disk) is cut
+off again with ``ftruncate``. Readers skip a torn or foreign line and still find a record glued behind it.
+``pgolf ledger`` prints the file grouped by recipe, with the seeds each recipe ran with, so a recipe whose
+seeds did not all complete shows.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import ConfigError, disk_full, disk_full_error
+from .errors import ConfigError
 
 FILENAME = "ledger.jsonl"
 ENV = "PGOLF_LEDGER"  # another ledger file; "off" writes none
@@ -71,7 +75,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_record(stack: Any, registry: Any, run_dir: Path | None, run_id: str, status: str, error: str | None = None) -> dict[str, Any]:
+def make_record(
+    stack: Any, registry: Any, run_dir: Path | None, run_id: str, status: str, error: str | None = None,
+    recorded_dir: Path | None = None, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The run's line, read from ``run_dir``; ``recorded_dir`` is where the run will be once committed (the
+    line of a finished run is written before its directory is renamed, so that a finished run always has one)."""
     from .config.dump import stack_to_toml
 
     stack_file = run_dir / "stack.toml" if run_dir is not None else None
@@ -80,7 +89,7 @@ def make_record(stack: Any, registry: Any, run_dir: Path | None, run_id: str, st
         "time": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "run_id": run_id,
         "status": status,
-        "run_dir": str(run_dir) if run_dir is not None else None,
+        "run_dir": str(recorded_dir or run_dir) if run_dir is not None else None,
         "stack": stack.path,
         "name": stack.meta.name,
         "overrides": list(stack.overrides),
@@ -93,18 +102,20 @@ def make_record(stack: Any, registry: Any, run_dir: Path | None, run_id: str, st
         "git": git_state(Path(__file__).resolve().parent.parent),
         "plugins": plugin_versions(registry),
     }
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is not None:
-        record["restart"] = int(restart or 0)
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT") is not None:
+        from .procenv import attempt_or_zero
+
+        record["restart"] = attempt_or_zero()
     if error:
         record["error"] = error
+    record.update(extra or {})
     summary_file = run_dir / "summary.json" if run_dir is not None else None
-    if summary_file is not None and summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
-        final = summary.get("final", {})
+    summary = _json_object(summary_file) if summary_file is not None else None
+    if summary is not None:
+        final = summary.get("final") if isinstance(summary.get("final"), dict) else {}
         score = summary.get("score_line") or (list(final)[-1] if final else None)
-        record["final"] = {name: {"val_loss": v.get("val_loss"), "val_bpb": v.get("val_bpb")} for name, v in final.items()}
-        if score in final:
+        record["final"] = {name: {"val_loss": v.get("val_loss"), "val_bpb": v.get("val_bpb")} for name, v in final.items() if isinstance(v, dict)}
+        if score in record["final"]:
             record["val_loss"], record["val_bpb"] = final[score].get("val_loss"), final[score].get("val_bpb")
         for key in ("steps", "train_time_ms", "model_params", "bytes_code", "bytes_model", "bytes_total", "nonfinite_skips"):
             if key in summary:
@@ -115,42 +126,116 @@ def make_record(stack: Any, registry: Any, run_dir: Path | None, run_id: str, st
     return record
 
 
+def _json_object(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def append(path: Path, record: dict[str, Any]) -> None:
-    """One line, one ``write`` on an ``O_APPEND`` descriptor, then ``fsync``."""
+    """Append one line, whole or not at all (see the module's docstring)."""
     line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            written = os.write(fd, line)
+            _lock(fd)
+            end = os.fstat(fd).st_size
+            if end and os.pread(fd, 1, end - 1) != b"\n":
+                line = b"\n" + line  # close a line torn by a crash, so this record stands on its own
+            try:
+                written = _write(fd, line)
+            except OSError:
+                _cut(fd, end)
+                raise
             if written != len(line):
-                raise OSError(f"short write to {path} ({written} of {len(line)} bytes)")
+                _cut(fd, end)
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
             os.fsync(fd)
         finally:
-            os.close(fd)
+            os.close(fd)  # also releases the lock
     except OSError as exc:
-        if disk_full(exc):
-            raise disk_full_error(path) from None
-        raise
+        from .rundir import path_error
+
+        raise path_error(exc, path, "append to the ledger") or exc from None
+
+
+def _write(fd: int, data: bytes) -> int:
+    return os.write(fd, data)
+
+
+def _lock(fd: int) -> None:
+    """Serialise writers on this host (``flock``; a file system without it still gets O_APPEND's atomic writes)."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (ImportError, OSError):
+        pass
+
+
+def _cut(fd: int, size: int) -> None:
+    """Remove what a failed append wrote (the lock keeps other writers of this host from having appended since)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        pass
+
+
+# Fields a record must carry with these types to be shown; anything else is an unreadable line.
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "time": (str,), "run_id": (str,), "status": (str,), "run_dir": (str, type(None)), "stack": (str, type(None)),
+    "stack_sha256": (str,), "recipe_sha256": (str,), "seed": (int, type(None)), "error": (str, type(None)),
+    "val_loss": (int, float, type(None)), "val_bpb": (int, float, type(None)), "bytes_total": (int, type(None)),
+    "restart": (int, type(None)), "artifact": (dict, type(None)),
+}
+
+
+def _valid(record: Any) -> bool:
+    if not isinstance(record, dict):
+        return False
+    for key, types in FIELD_TYPES.items():
+        value = record.get(key)
+        if key in record and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+            return False
+    artifact = record.get("artifact")
+    return artifact is None or isinstance(artifact.get("sha256", ""), str)
+
+
+def _records_in(line: str) -> tuple[list[dict[str, Any]], int]:
+    """The record of a line, or, when a torn line was glued to it, the whole record at its end."""
+    try:
+        return ([rec], 0) if _valid(rec := json.loads(line)) else ([], 1)
+    except ValueError:
+        pass
+    for start in (i for i, c in enumerate(line) if c == "{" and i > 0):
+        try:
+            rec = json.loads(line[start:])
+        except ValueError:
+            continue
+        return ([rec], 1) if _valid(rec) else ([], 1)
+    return [], 1
 
 
 def read(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The records of a ledger file and how many lines could not be read."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: no ledger here (runs write it into their out_dir; see --out-dir)")
+    """The records of a ledger file and how many lines (or torn pieces) could not be read."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a ledger file") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no ledger here (runs write it into their out_dir; see --out-dir)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the ledger ({exc.strerror or exc})") from None
     records, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in data.decode("utf-8", errors="replace").splitlines():
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-        else:
-            bad += 1
+        found, skipped = _records_in(line.strip())
+        records += found
+        bad += skipped
     return records, bad
 
 

@@ -124,12 +124,14 @@ class Registry:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken third-party plugin must not take pgolf down
-                self.failures.append(PluginFailure(f"{ep.group}:{ep.name}", f"{dist} {version}", _one_line(exc)))
+            except (Exception, SystemExit) as exc:  # a broken third-party plugin must not take pgolf down
+                self.failures.append(PluginFailure(f"{ep.group}:{ep.name}", f"{dist} {version}", _plugin_error(exc)))
                 continue
             if self.pm.is_registered(plugin):
                 continue
-            self.add_plugin(plugin, distribution=dist, version=version, name=f"{dist}:{ep.name}")
+            problem = self._contained_add(plugin, distribution=dist, version=version, name=f"{dist}:{ep.name}")
+            if problem:
+                self.failures.append(PluginFailure(f"{ep.group}:{ep.name}", f"{dist} {version}", problem))
 
     def load_module(self, dotted: str) -> None:
         """Load an unpackaged local plugin module: ``--plugin my_pkg.my_technique`` or ``--plugin ./my_technique.py``.
@@ -139,9 +141,28 @@ class Registry:
         """
         try:
             module = _import_local(dotted)
-        except Exception as exc:
-            raise ConfigError(f"--plugin {dotted}: cannot import: {_one_line(exc)}") from None
-        self.add_plugin(module, distribution=f"local:{dotted}")
+        except (Exception, SystemExit) as exc:
+            raise ConfigError(f"--plugin {dotted}: cannot import: {_plugin_error(exc)}") from None
+        problem = self._contained_add(module, distribution=f"local:{dotted}")
+        if problem:
+            raise ConfigError(f"--plugin {dotted}: {problem}")
+
+    def _contained_add(self, plugin: Any, **kw: Any) -> str | None:
+        """``add_plugin``, with a plugin whose registration raises (or calls ``sys.exit``) taken out again,
+        techniques and hooks alike; returns what went wrong, or None. Two plugins claiming one technique stays
+        a ``ConfigError``: the user must choose."""
+        before = set(self._by_key)
+        try:
+            self.add_plugin(plugin, **kw)
+        except ConfigError:
+            raise
+        except (Exception, SystemExit) as exc:
+            for key in set(self._by_key) - before:
+                del self._by_key[key]
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            return _plugin_error(exc, "pgolf_register_techniques")
+        return None
 
     def trace_hooks(self, write: Callable[[str], None]) -> Callable[[], None]:
         """Report every hook call (name, arguments, implementations) through ``write``; returns the undo.
@@ -207,6 +228,14 @@ def _describe_kwargs(kwargs: dict[str, Any]) -> str:
         step = getattr(value, "step", None)
         parts.append(f"{key}<step {step}>" if isinstance(step, int) else f"{key}<{type(value).__name__}>")
     return ", ".join(parts)
+
+
+def _plugin_error(exc: BaseException, hook: str = "") -> str:
+    """A plugin's failure in one line: on import (no ``hook``) or in ``hook``; ``sys.exit`` is named as such
+    (its code means nothing to pgolf)."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r}) {'in ' + hook if hook else 'on import'}"
+    return f"{hook} raised {_one_line(exc)}" if hook else _one_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -88,40 +88,112 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); the run directory is damaged") from None
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # also bytes that are not UTF-8
+        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise DataError(f"{path}: not valid JSON{where}; the run directory is damaged") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: holds a JSON {type(data).__name__}, not an object; the run directory is damaged")
+    return data
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each kind of metrics record must carry (numbers), so that tables and plots can use them as they are.
+RECORD_FIELDS = {"train": ("step", "train_loss", "train_time_ms"), "val": ("step", "val_loss", "val_bpb", "train_time_ms"),
+                 "final": ("val_loss", "val_bpb")}
+SUMMARY_NUMBERS = ("steps", "train_time_ms", "model_params", "bytes_total", "bytes_code", "bytes_model", "seed", "eval_time_ms")
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a torn last line (a killed run) is skipped, anything else damaged is one error."""
+    lines = _read_text(path).splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                continue
+            raise DataError(f"{path}:{number}: not a JSON record; the run directory is damaged") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: not a JSON object; the run directory is damaged")
+        missing = [k for k in RECORD_FIELDS.get(record.get("kind"), ()) if not _is_number(record.get(k))]
+        missing += [k for k in ("lr_scale", "eval_time_ms") if k in record and not _is_number(record[k])]
+        if record.get("kind") == "final" and not isinstance(record.get("name"), str):
+            missing.append("name (a string)")
+        if missing:
+            raise DataError(f"{path}:{number}: a {record.get('kind')!r} record without a number for {', '.join(missing)}; the run directory is damaged")
+        records.append(record)
+    return records
+
+
+def _stack_tables(path: Path) -> dict[str, Any]:
+    """The resolved stack as the report reads it: tables that are not tables are left out."""
+    if not path.is_file():
+        return {}
+    try:
+        stack = tomllib.loads(_read_text(path))
+    except tomllib.TOMLDecodeError as exc:
+        raise DataError(f"{path}: not valid TOML ({exc}); the run directory is damaged") from None
+    out = {k: v for k, v in stack.items() if isinstance(v, dict)}
+    mods = stack.get("modifier")
+    if isinstance(mods, list):
+        out["modifier"] = [m for m in mods if isinstance(m, dict)]
+    for table in ("run", "meta"):
+        for key, value in list(out.get(table, {}).items()):
+            if key in ("iterations", "artifact_cap_bytes") and not _is_number(value):
+                del out[table][key]
+    return out
 
 
 def read_run(path: str | Path) -> RunRecord:
-    """Read a run directory; a path that is not one raises ``DataError`` naming what is missing."""
+    """Read a run directory; a path that is not one, or one that is damaged, raises ``DataError`` naming the file."""
     run = Path(path)
     if not run.is_dir():
         raise DataError(f"{run}: not a directory; pass a run directory such as runs/<run_id>")
     metrics_path = run / "metrics.jsonl"
     if not metrics_path.is_file() and not (run / "summary.json").is_file():
         raise DataError(f"{run}: no metrics.jsonl or summary.json; not a pgolf run directory (or the run never started)")
-    records = []
-    if metrics_path.is_file():
-        for number, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise DataError(f"{metrics_path}:{number}: not a JSON record") from None
-    stack_path = run / "stack.toml"
-    stack_text = stack_path.read_text(encoding="utf-8") if stack_path.is_file() else ""
-    stack = tomllib.loads(stack_text)
-    header = stack_header(stack_text)
+    records = _read_metrics(metrics_path) if metrics_path.is_file() else []
     log_path = run / "log.txt"
-    log_text = log_path.read_text(encoding="utf-8") if log_path.is_file() else ""
+    log_text = _read_text(log_path) if log_path.is_file() else ""
     switches = parse_switches(log_text)
     status, error = run_status(run, log_text)
+    stack_path = run / "stack.toml"
+    header = stack_header(_read_text(stack_path) if stack_path.is_file() else "")
+    summary = _read_json(run / "summary.json")
+    for key in SUMMARY_NUMBERS:
+        if key in summary and not _is_number(summary[key]):
+            raise DataError(f"{run / 'summary.json'}: {key} is not a number; the run directory is damaged")
+    shapes = {"final": dict, "quantizer_compliance": list, "compliant": bool, "score_line": str, "run_id": str}
+    for key, kind in shapes.items():
+        if key in summary and not isinstance(summary[key], kind):
+            raise DataError(f"{run / 'summary.json'}: {key} is not a {kind.__name__}; the run directory is damaged")
+    if any(not isinstance(v, dict) for v in summary.get("final", {}).values()):
+        raise DataError(f"{run / 'summary.json'}: final holds an entry that is not an object; the run directory is damaged")
+    submission = _read_json(run / "submission.json")
+    for key in ("val_loss", "val_bpb"):
+        if key in submission and not _is_number(submission[key]):
+            raise DataError(f"{run / 'submission.json'}: {key} is not a number; the run directory is damaged")
     return RunRecord(
         path=run,
-        summary=_read_json(run / "summary.json"),
-        submission=_read_json(run / "submission.json"),
-        stack=stack,
+        summary=summary,
+        submission=submission,
+        stack=_stack_tables(run / "stack.toml"),
         train=[r for r in records if r.get("kind") == "train"],
         val=[r for r in records if r.get("kind") == "val"],
         finals=[r for r in records if r.get("kind") == "final"],
@@ -315,7 +387,8 @@ def plot_run(run: RunRecord, path: Path) -> None:
         for ax in (by_step, lr):
             ax.axvline(x, color="tab:red", ls="--", lw=0.8)
             ax.annotate(w.name, (x, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right", fontsize=7)
-    by_step.legend()
+    if run.train or run.val:
+        by_step.legend()
     fig.suptitle(f"{run.run_id}: final val_bpb {_fmt(run.final_bpb, '.4f')}")
     _save_figure(fig, path)
 
@@ -379,5 +452,6 @@ def plot_compare(runs: list[RunRecord], path: Path) -> None:
     val_ax.set(xlabel="step", ylabel="val_bpb")
     for ax in (train_ax, val_ax):
         ax.grid(alpha=0.3)
-    train_ax.legend(fontsize=7)
+    if any(r.train for r in runs):
+        train_ax.legend(fontsize=7)
     _save_figure(fig, path)

@@ -53,10 +53,10 @@ class Runtime:
 
 def setup_runtime(stack: Stack) -> Runtime:
     """Read torchrun's environment, pick the device, join the process group, set the math knobs."""
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from .procenv import read_process_env
+
+    layout = read_process_env()  # one line for a stray or garbled RANK/WORLD_SIZE
+    distributed, rank, world_size, local_rank = layout.distributed, layout.rank, layout.world_size, layout.local_rank
     base = stack.run.grad_accum_base
     if world_size <= 0 or base % world_size:
         raise ConfigError(

@@ -179,7 +179,35 @@ VALIDATE = [
      "data.train_batch_tokens=9216 is not divisible by world_size*grad_accum*train_seq_len=run.grad_accum_base*data.train_seq_len=8*1024"),
     ("missing-stack", lambda t: [str(t / "nope.toml")], "stack file not found"),
     ("bad-set-expression", lambda t: ["baseline", "--set", "model.num_layers"], "--set model.num_layers: expected section.key=value"),
+    # numbers: NaN compares false with every bound, so it is refused by type; inf, and floats whose square overflows float32
+    ("nan", lambda t: ["baseline", "--set", "optimizer.matrix_lr=nan"], "optimizer.matrix_lr: expected a finite float, got float nan"),
+    ("inf", lambda t: ["baseline", "--set", "optimizer.matrix_lr=-inf"], "optimizer.matrix_lr: expected a finite float, got float -inf"),
+    ("huge-float", lambda t: ["baseline", "--set", "optimizer.matrix_lr=1e308"], "optimizer.matrix_lr: float 1e+308 is out of range: floats in a stack are limited to |x| <= 1e+18"),
+    ("nan-in-a-file", lambda t: [_stack_file(t, "[optimizer]\nmatrix_lr = nan\n")], "optimizer.matrix_lr: expected a finite float, got float nan"),
+    ("int-beyond-64-bit", lambda t: ["baseline", "--set", f"run.iterations={2**70}"], "run.iterations: int 1180591620717411303424 is out of range: integers in a stack are 64-bit"),
+    ("negative-seed", lambda t: ["baseline", "--set", "run.seed=-1"], "run.seed: seed must be >= 0, got -1"),
+    ("seed-beyond-numpy", lambda t: ["baseline", "--set", "run.seed=4294967296"], "run.seed: seed must be <= 4294967295, got 4294967296"),
+    ("val-batch-below-one-sequence", lambda t: ["baseline", "--set", "data.val_batch_size=1"],
+     "data.val_batch_size=1 gives less than one sequence of data.train_seq_len=1024 per validation micro-batch (run.grad_accum_base=8); raise it to at least 8192"),
+    ("vocab-beyond-uint16-shards", lambda t: ["baseline", "--set", "model.vocab_size=70000"], "model.vocab_size: vocab_size must be <= 65536, got 70000"),
+    ("too-deep-to-build", lambda t: ["baseline", "--set", "model.num_layers=100000"], "model.num_layers: num_layers must be <= 1024, got 100000"),
+    ("cannot-fit-any-process", lambda t: ["pr1392", "--set", "model.model_dim=65536"],
+     "need at least 6,076.6 GiB per process (519,967,604,827 parameters: 5,811.1 GiB for weights, gradients and optimizer state; 265.5 GiB of activations and logits), more than any single process gets (4,096.0 GiB)"),
+    # a run id is a name
+    ("run-id-with-a-separator", lambda t: ["baseline", "--set", 'run.run_id="../x"'], "run.run_id: run_id '../x' holds '/'; use letters, digits, '-', '_' and '.'"),
+    ("run-id-dot-dot", lambda t: ["baseline", "--set", 'run.run_id=".."'], "run.run_id: run_id '..' is not a name"),
+    ("run-id-control-character", lambda t: ["baseline", "--set", 'run.run_id="a\\nb"'], "run.run_id: run_id 'a\\nb' holds '\\n'"),
+    ("run-id-too-long", lambda t: ["baseline", "--set", f'run.run_id="{"x" * 201}"'], "is 201 bytes long; at most 200"),
+    ("path-with-nul", lambda t: ["baseline", "--set", 'data.path="a\\u0000b"'], "data.path: path must not contain a NUL character"),
+    # files that are not what they should be
+    ("stack-not-utf8", lambda t: [_raw_file(t, b'schema_version = 1\n[meta]\nname = "\xff"\n')], "not UTF-8 text (byte 0xff at offset 34); TOML files are UTF-8"),
 ]
+
+
+def _raw_file(tmp_path, data: bytes) -> str:
+    path = tmp_path / "raw.toml"
+    path.write_bytes(data)
+    return str(path)
 
 RUN_DATA = [
     ("missing-directory", lambda t: t / "nowhere", None, "directory not found"),
@@ -196,7 +224,14 @@ RUN_DATA = [
     ("tokenizer-not-a-model", None, _junk_tokenizer, "not a readable SentencePiece model"),
     ("tokenizer-vocab-mismatch", None, lambda t: TOKENIZER_4096, "has vocab_size 4096 but model.vocab_size is 1024"),
     ("sp4096-shards-sp1024-stack", lambda t: FIXTURE_4096, None, ">= model.vocab_size 1024"),
+    ("shard-is-a-directory", lambda t: _shard_directory(t), None, "fineweb_train_000002.bin: not a file; a shard is a file of tokens"),
 ]
+
+
+def _shard_directory(tmp_path):
+    d = _copy_fixture(tmp_path)
+    (d / "fineweb_train_000002.bin").mkdir()
+    return d
 
 
 def _cli(capsys, argv: list[str]) -> tuple[int, str, str]:
@@ -283,7 +318,8 @@ def test_world_size_must_divide_grad_accum_base(tmp_path):
     from conftest import tiny_stack
 
     stack = tiny_stack(default_registry(), "run.grad_accum_base=2")
-    with mock.patch.dict(os.environ, {"RANK": "0", "WORLD_SIZE": "3"}), pytest.raises(ConfigError) as info:
+    env = {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "j"}
+    with mock.patch.dict(os.environ, env), pytest.raises(ConfigError) as info:
         setup_runtime(stack)
     assert "world size 3 must divide run.grad_accum_base=2" in info.value.problems[0]
 
@@ -311,3 +347,94 @@ def test_artifact_over_the_cap_is_reported_before_any_result(tmp_path, capsys, m
     assert not (runs / "big").exists() and not list(runs.rglob("submission.json")) and not list(runs.rglob("*.ptz"))
     log = (runs / "big.failed" / "log.txt").read_text()
     assert "_exact val_loss" not in log and "run_failed: artifact is" in log
+
+
+# Inputs that used to be found only after the run directory existed (leaving .failed and a ledger line for a run
+# that never ran), and run directories that cannot be made: each is one line, and nothing is written.
+RUN_EARLY = [
+    ("negative-seed", ["--set", "run.seed=-1"], "run.seed: seed must be >= 0, got -1"),
+    ("val-batch-below-one-sequence", ["--set", "data.val_batch_size=1"], "data.val_batch_size=1 gives less than one sequence"),
+    ("run-id-path", ["--run-id", "../x"], "--run-id: run_id '../x' holds '/'"),
+    ("out-dir-under-a-file", ["--out-dir", "{t}/file/runs"], "cannot create the output directory {t}/file/runs: Not a directory"),
+    ("out-dir-name-too-long", ["--out-dir", "{t}/" + "d" * 300], "cannot create the output directory {t}/ddd"),
+    ("more-than-this-host", ["--set", "model.model_dim=16384", "--set", "model.num_layers=64", "--set", "model.num_heads=64", "--set", "model.num_kv_heads=64"],
+     "more than this host's memory gives each process"),
+    ("force-without-resume", ["--force"], "--force only applies to --resume RUN_DIR"),
+]
+
+
+@pytest.mark.parametrize("case, extra, words", RUN_EARLY, ids=[c[0] for c in RUN_EARLY])
+def test_run_rejects_before_the_run_directory_exists(case, extra, words, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    extra = [e.replace("{t}", str(tmp_path)) for e in extra]
+    out_dir = tmp_path / "runs"
+    argv = ["run", "baseline", *_sets(), "--out-dir", str(out_dir), "--run-id", "bad", *extra]
+    code, out, err = _cli(capsys, argv)
+    _assert_one_line_errors(code, err, words.replace("{t}", str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "something was written"
+
+
+def _damaged_runs(tmp_path):
+    from test_workflow_report import make_run
+
+    def damage(name: str, fn) -> str:
+        run = make_run(tmp_path, name, 1, 2.0)
+        fn(run)
+        return str(run)
+
+    def write(file: str, data):
+        return lambda run: (run / file).write_bytes(data if isinstance(data, bytes) else data.encode())
+
+    return [
+        (damage("summary-list", write("summary.json", "[1, 2]")), "summary.json: holds a JSON list, not an object"),
+        (damage("summary-not-json", write("summary.json", '{"steps": ')), "summary.json: not valid JSON (Expecting value at line 1)"),
+        (damage("summary-not-utf8", write("summary.json", b"\xff\xfe")), "summary.json: not valid JSON"),
+        (damage("steps-text", write("summary.json", '{"steps": "40"}')), "summary.json: steps is not a number"),
+        (damage("final-list", write("summary.json", '{"final": []}')), "summary.json: final is not a dict"),
+        (damage("metrics-list", write("metrics.jsonl", "[1]\n{}\n")), "metrics.jsonl:1: not a JSON object"),
+        (damage("metrics-text-loss", write("metrics.jsonl", '{"kind": "train", "step": 1, "train_loss": "6.9", "train_time_ms": 1}\n{}\n')),
+         "metrics.jsonl:1: a 'train' record without a number for train_loss"),
+        (damage("stack-not-toml", write("stack.toml", "[meta\n")), "stack.toml: not valid TOML"),
+        (damage("submission-text", write("submission.json", '{"val_loss": "low"}')), "submission.json: val_loss is not a number"),
+        (damage("final-name-list", write("metrics.jsonl", '{"kind": "final", "name": [1], "val_loss": 1, "val_bpb": 1}\n{}\n')),
+         "a 'final' record without a number for name (a string)"),
+    ]
+
+
+def test_damaged_run_directories_are_one_line_for_report_and_compare(tmp_path, capsys):
+    for run, words in _damaged_runs(tmp_path):
+        for argv in (["report", run], ["compare", run, "--no-plot"]):
+            code, out, err = _cli(capsys, argv)
+            _assert_one_line_errors(code, err, words)
+        assert not list((tmp_path).rglob(".*.tmp*"))
+
+
+def test_damaged_run_keeps_report_working_when_only_its_tail_is_torn(tmp_path, capsys):
+    """A killed run's metrics.jsonl may end in half a record: that line is skipped, not an error."""
+    from test_workflow_report import make_run
+
+    run = make_run(tmp_path, "torn", 1, 2.0)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    code, out, err = _cli(capsys, ["report", str(run)])
+    assert code == 0 and err == ""
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (lambda t: ["compare", "{run}", "--plot", str(t)], "--plot {t}: is a directory; give a file name"),
+        (lambda t: ["compare", "{run}", "--plot", str(t / "no" / "x.png")], "--plot {t}/no/x.png: the directory {t}/no does not exist"),
+        (lambda t: ["bench", "baseline", "--json", str(t)], "--json {t}: is a directory; give a file name"),
+        (lambda t: ["bench-gptq", "pr1019", "--json", str(t)], "--json {t}: is a directory; give a file name"),
+    ],
+    ids=["plot-at-a-directory", "plot-in-a-missing-directory", "bench-json-at-a-directory", "bench-gptq-json-at-a-directory"],
+)
+def test_output_files_are_checked_before_any_work(argv, words, tmp_path, capsys):
+    from test_workflow_report import make_run
+
+    run = make_run(tmp_path / "runs", "r", 1, 2.0)
+    args = [a.replace("{run}", str(run)) for a in argv(tmp_path)]
+    code, out, err = _cli(capsys, args)
+    _assert_one_line_errors(code, err, words.replace("{t}", str(tmp_path)))

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from conftest import STACKS
 from pgolf_core.cli import main
+from pgolf_core.config import load_stack
 from pgolf_core.config.load import TOP_LEVEL
+from pgolf_core.errors import ConfigError
 from pgolf_core.config.schema import CORE_TABLES
 from pgolf_core.hookspecs import SINGLE_SLOTS
 from pgolf_core.registry import default_registry
@@ -183,3 +185,53 @@ def test_random_modifiers_and_layer_selectors(mods, layers, tmp_path_factory):
 )
 def test_known_tricky_set_expressions(expr):
     _assert_ok_or_one_line_errors(*_validate([str(STACKS / "sample.toml"), "--set", expr]))
+
+
+# -- what a run writes reads back ---------------------------------------------------------------------------
+STRING_FIELDS = sorted(
+    [f"{table}.{a.name}" for table, cls in CORE_TABLES.items() for a in attrs.fields(cls) if a.type in (str, "str")]
+    + [f"{slot}.{a.name}" for slot in SINGLE_SLOTS for a in attrs.fields(type(load_stack(STACKS / "sample.toml", REGISTRY).params(slot)))
+       if a.type in (str, "str") and slot in BASE]
+)
+
+
+def _reads_back(stack, tmp_path) -> None:
+    from pgolf_core.config.dump import stack_to_dict, stack_to_toml
+
+    path = tmp_path / "stack.toml"
+    path.write_bytes(stack_to_toml(stack).encode("utf-8"))  # what every run writes into its directory
+    back = load_stack(path, REGISTRY)
+    assert stack_to_dict(back) == stack_to_dict(stack)
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(values=st.dictionaries(st.sampled_from(STRING_FIELDS), st.text(max_size=24), max_size=4), raw=st.lists(st.text(max_size=16), max_size=2))
+def test_a_stack_pgolf_writes_can_always_be_read_back(values, raw, tmp_path_factory):
+    """Arbitrary text (control characters, quotes, newlines, lone surrogates from undecodable command lines) in
+    every string field, as TOML and as a raw ``--set`` value: either refused with one line, or written into a
+    ``stack.toml`` that loads back to the same stack."""
+    overrides = [f"{key}={_toml_value(value)}" for key, value in values.items() if value.encode("utf-8", "surrogatepass")]
+    overrides = [o for o in overrides if _encodable(o)] + [f"meta.description={text}" for text in raw]
+    try:
+        stack = load_stack(STACKS / "sample.toml", REGISTRY, overrides=overrides)
+    except ConfigError:
+        return
+    _reads_back(stack, tmp_path_factory.mktemp("back"))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def test_odd_paths_and_overrides_read_back(tmp_path):
+    odd = tmp_path / "we\nird \udcff.toml"
+    odd.write_bytes((STACKS / "sample.toml").read_bytes().replace(b'extends = "', b'extends = "' + str(STACKS).encode() + b"/"))
+    stack = load_stack(odd, REGISTRY, overrides=["meta.name=a\nb", 'meta.author="x\\u0000y"'])
+    assert stack.meta.name == "a\nb" and stack.meta.author == "x\x00y"
+    _reads_back(stack, tmp_path)
+    with pytest.raises(ConfigError, match="meta.name: expected UTF-8 text, got str 'a\\\\udcffb'"):
+        load_stack(STACKS / "sample.toml", REGISTRY, overrides=["meta.name=a\udcffb"])

@@ -376,9 +376,9 @@ def test_elastic_restart_resumes_a_killed_worker_to_identical_numbers(small_data
 
 def test_documented_exit_codes_are_the_ones_raised():
     from conftest import REPO
-    from pgolf_core.errors import BudgetError, ConfigError
+    from pgolf_core.errors import BudgetError, ConfigError, OutputClosedError, StoppedError
     from pgolf_core.train import Interrupted
 
     doc = (REPO / "docs" / "reliability.md").read_text()
-    for error in (ConfigError, BudgetError, NonFiniteError, DiskFullError, Interrupted):
+    for error in (ConfigError, BudgetError, NonFiniteError, DiskFullError, Interrupted, StoppedError, OutputClosedError):
         assert f"\n| {error.exit_code} |" in doc, error.__name__

@@ -124,7 +124,9 @@ def test_interrupted_run_resumes_to_identical_numbers(stack, nproc, sig, tmp_pat
     assert _numbers(tmp_path / "runs" / "cut") == _numbers(tmp_path / "runs" / "straight")
 
 
-def test_torn_checkpoint_is_refused_and_the_previous_one_used(tmp_path, registry):
+def test_torn_checkpoint_is_skipped_and_a_damaged_one_refused(tmp_path, registry):
+    """Torn (no marker: the save died) → the previous complete one is used; damaged (a committed file changed)
+    → refused with one line, never a silent fall back to older weights."""
     from pgolf_core import checkpoint
     from pgolf_core.errors import DataError
     from pgolf_core.runtime import Runtime
@@ -138,7 +140,7 @@ def test_torn_checkpoint_is_refused_and_the_previous_one_used(tmp_path, registry
     latest = checkpoint.latest(run)
     assert latest.name == "step_00000002" and torch.equal(checkpoint.load(latest, rt)["x"], torch.ones(2))
     (latest / "rank0.pt").write_bytes(b"corrupted")
-    with pytest.raises(DataError, match="do not match the recorded sha256; the checkpoint is torn"):
+    with pytest.raises(DataError, match="do not match the recorded sha256; the checkpoint is damaged, delete .*step_00000002"):
         checkpoint.load(latest, rt)
 
 

@@ -139,3 +139,21 @@ def test_significance_rejects_a_noisy_gain(tmp_path, capsys):
 def test_significance_needs_several_seeds(tmp_path, capsys):
     code, out = _sig(tmp_path, capsys, [1.18], [1.20, 1.22])
     assert code == 2 and "error: significance: need at least 2 runs on each side" in out.err and "add runs with other seeds" in out.err
+
+
+def test_significance_refuses_a_run_or_a_seed_counted_twice(tmp_path, capsys):
+    """Counting a run twice (or in both groups), or two runs of one seed in a group, fakes independent samples."""
+    cands = [make_run(tmp_path / "c", f"c{i}", 1337 + i, v) for i, v in enumerate([1.200, 1.201, 1.199])]
+    bases = [make_run(tmp_path / "b", f"b{i}", 1337 + i, v) for i, v in enumerate([1.210, 1.212, 1.209])]
+    copy = make_run(tmp_path / "copy", "c0", 1400, 1.2)  # another directory holding run c0
+    same_seed = make_run(tmp_path / "s", "s0", 1337, 1.198)
+    cases = [
+        ([cands[0], cands[0], cands[1]], bases, f"{cands[0]}: the same run as {cands[0]} (same directory)"),
+        ([*cands, copy], bases, f"{copy}: the same run as {cands[0]} (same run id 'c0')"),
+        (cands, [*bases[:2], cands[2]], f"{cands[2]}: the same run as {cands[2]} (same directory)"),
+        ([*cands, same_seed], bases, f"{same_seed}: seed 1337 is counted twice among the candidate runs (also {cands[0]})"),
+    ]
+    for candidate, baseline, words in cases:
+        code = main(["significance", *map(str, candidate), "--baseline", *map(str, baseline)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: {words}"), err

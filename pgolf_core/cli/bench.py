@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import add_stack_args, add_threads_arg, add_toy_arg, load_stack_and_registry, parse_nproc
+from .common import add_stack_args, add_threads_arg, add_toy_arg, check_output_file, load_stack_and_registry, parse_nproc
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import cmd_bench as bench
 
+    check_output_file("--json", args.json)
     stack, registry = load_stack_and_registry(args)
     nproc = parse_nproc(args.nproc_per_node)
     args.threads_line = None

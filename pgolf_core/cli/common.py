@@ -69,19 +69,25 @@ def load_stack_and_registry(args: argparse.Namespace):
             changes["run_id"] = args.run_id
         if getattr(args, "out_dir", None):
             changes["out_dir"] = args.out_dir
-        stack = attrs.evolve(stack, run=attrs.evolve(stack.run, **changes))
+        try:  # the fields' validators: a run id is a name, a directory has no NUL
+            stack = attrs.evolve(stack, run=attrs.evolve(stack.run, **changes))
+        except (ValueError, TypeError) as exc:
+            option = "--run-id" if str(exc).startswith("run_id") else "--out-dir"
+            raise ConfigError(f"{option}: {exc}") from None
     return stack, registry
 
 
 def check_buildable(stack, registry):
     """Build what a run builds from the stack alone (the model on the meta device, the schedule, averaging,
     quantizer, compressor, evaluator, tokenizer and loader objects), so settings a technique rejects, or an
-    object that does not meet its slot's contract, fail as one line before anything starts. Returns the model
-    and the built slot objects."""
+    object that does not meet its slot's contract, fail as one line before anything starts, and refuse a model
+    whose exact parameter count cannot fit in any process's memory (the meta device allocates nothing).
+    Returns the model and the built slot objects."""
     import torch
 
+    from ..config.checks import MAX_PROCESS_BYTES, check_memory
     from ..contracts import SLOT_CONTRACTS
-    from ..model.gpt import build_model
+    from ..model.gpt import build_model, count_parameters
     from ..train import build_slot, technique_table
 
     try:
@@ -91,6 +97,7 @@ def check_buildable(stack, registry):
         raise
     except Exception as exc:
         raise ConfigError(f"{stack.path}: the model does not build: {_first_line(exc)} (techniques: {technique_table(stack)})") from None
+    check_memory(stack, MAX_PROCESS_BYTES, "any single process gets", params=count_parameters(model))
     built = {}
     for slot in ("schedule", "averaging", "quantizer", "compressor", "evaluator", "tokenizer", "loader"):
         try:
@@ -113,6 +120,23 @@ def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
     return text if isinstance(exc, ValueError) and text else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def check_output_file(option: str, value: str | None) -> None:
+    """A file the command will write (``--plot``, ``--json``): checked before any work, so an hour of
+    benchmarking never ends in a traceback because the name is a directory or its folder is missing."""
+    if not value or value == "-":
+        return
+    path = Path(value)
+    if "\x00" in value:
+        raise ConfigError(f"{option} {value!r}: a file name cannot hold a NUL character")
+    if path.is_dir():
+        raise ConfigError(f"{option} {value}: is a directory; give a file name (e.g. {path / 'out'})")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {value}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{option} {value}: cannot write into {parent} (permission denied)")
 
 
 def parse_nproc(value: str) -> int:

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import check_output_file
+
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report import NO_MATPLOTLIB, read_run, write_report
@@ -23,6 +25,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from ..report import NO_MATPLOTLIB, compare_table, plot_compare, read_run
 
+    if not args.no_plot:
+        check_output_file("--plot", args.plot)
     runs = [read_run(p) for p in args.runs]
     print(compare_table(runs), end="")
     if not args.plot:  # a picture only where asked for: nothing lands in the working directory unbidden

@@ -14,51 +14,116 @@ from pathlib import Path
 
 import attrs
 
-from ..errors import ConfigError, PgolfError
+from ..config.fields import run_id_problem
+from ..errors import ConfigError, PgolfError, StoppedError
+from ..procenv import read_process_env
+from ..rundir import FAILED
 from .common import add_stack_args, add_threads_arg, add_toy_arg, check_buildable, load_stack_and_registry, parse_nproc
 
 
 TORCHRUN_PASSTHROUGH = ("nnodes", "node_rank", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port", "max_restarts")
 STRUCTURAL_PREFIXES = ("model.", "embedding.", "attention.", "mlp.", "residual.", "topology.", "head.", "init.", "modifier")
 STRUCTURAL_KEYS = ("optimizer.use", "averaging.use", "data.train_seq_len", "data.train_batch_tokens", "run.grad_accum_base")
+NUMBERS_KEYS = ("run.seed",)  # the checkpoint carries this seed's RNG state: a resumed run would record a seed it does not use
 
 
-def _resume_names(value: str) -> tuple[Path, str, str]:
-    """``--resume RUN_DIR`` → (the run's .partial directory, run_id, out_dir), touching nothing."""
-    path = Path(value)
+@attrs.define
+class ResumePlan:
+    """What ``--resume RUN_DIR`` will continue, checked before anything is renamed or started."""
+
+    source: Path  # the directory as it is now: <id>.partial, <id>.failed or <id>.failed-XXXX
+    run_id: str
+    out_dir: Path
+    step: int | None  # the checkpoint it continues from (None: step 0)
+    changes: list[tuple[str, object, object]]  # keys --force let differ from the run's stack: (key, old, new)
+
+
+def _locate_resume(value: str) -> tuple[Path, str]:
+    """``--resume VALUE`` → (the run's directory, its run id); one line when VALUE is not a run of pgolf's."""
+    path = Path(value.rstrip("/") or value)
     name = path.name
-    for suffix in (".partial", ".failed"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return path.parent / f"{name}.partial", name, str(path.parent)
-
-
-def _reopen(value: str) -> Path:
-    """Check ``--resume RUN_DIR`` and reopen a failed run as partial (one process: the launcher or rank 0)."""
-    partial, name, _ = _resume_names(value)
-    failed = partial.parent / f"{name}.failed"
-    if (partial.parent / name).is_dir() and not partial.exists():
+    m = FAILED.search(name)
+    base = name[: m.start()] if m else name.removesuffix(".partial")
+    suffixed = base != name
+    if not path.exists():
+        options = [p for p in (path.with_name(f"{name}.partial"), path.with_name(f"{name}.failed")) if p.is_dir()]
+        if not suffixed and len(options) == 1:
+            return options[0], name
+        if len(options) > 1:
+            raise ConfigError(f"--resume {value}: both {options[0]} and {options[1]} exist; name the one to continue")
+        raise ConfigError(f"--resume {value}: no such run directory (a killed run is <out_dir>/<run_id>.partial, a failed one <run_id>.failed)")
+    if not path.is_dir():
+        raise ConfigError(f"--resume {value}: not a directory; pass a run directory such as runs/<run_id>.partial")
+    if not (path / "stack.toml").is_file():
+        raise ConfigError(f"--resume {value}: not a pgolf run directory (it has no stack.toml)")
+    for streamed in ("log.txt", "metrics.jsonl"):
+        if (path / streamed).exists() and not (path / streamed).is_file():
+            raise ConfigError(f"--resume {value}: {path / streamed} is not a file; the run directory is damaged")
+    if not suffixed:
+        partial = path.with_name(f"{name}.partial")
+        if partial.is_dir():
+            raise ConfigError(f"--resume {value}: that run already finished; {partial} exists too: resume that one if it is another attempt")
         raise ConfigError(f"--resume {value}: that run already finished; nothing to resume")
-    if not partial.is_dir() and failed.is_dir():
-        os.replace(failed, partial)
-    if not partial.is_dir():
-        raise ConfigError(f"--resume {value}: no run directory {partial} (or .failed) to resume")
-    if not (partial / "stack.toml").is_file():
-        raise ConfigError(f"--resume {value}: {partial}/stack.toml is missing; this is not a pgolf run directory")
-    return partial
+    problem = run_id_problem(base) or (None if base else "is empty")
+    if problem:
+        raise ConfigError(f"--resume {value}: the run id {problem}; this is not a run directory pgolf wrote")
+    if path.with_name(base).exists():
+        raise ConfigError(f"--resume {value}: {path.with_name(base)} exists: this run already finished once; rename one of them to continue the other")
+    return path, base
+
+
+def plan_resume(value: str, stack, registry, force: bool, world_size: int, verify_files: bool = True) -> ResumePlan:
+    """Every check of ``--resume``, touching nothing: the directory is a pgolf run, its stack matches (with
+    --force: no key that changes the model or the numbers' meaning), its newest checkpoint is intact and was
+    written by as many processes, and the iterations still reach past it."""
+    from .. import checkpoint
+    from ..config import load_stack
+    from ..config.diff import flatten
+    from ..config.dump import stack_to_dict
+
+    source, run_id = _locate_resume(value)
+    try:
+        saved_stack = load_stack(source / "stack.toml", registry)
+    except PgolfError as exc:
+        raise ConfigError(f"--resume {value}: the run's stack.toml does not load: {exc.problems[0]}") from None
+    saved, now = flatten(stack_to_dict(saved_stack)), flatten(stack_to_dict(stack))
+    diffs = [k for k in sorted(set(saved) | set(now)) if k not in ("run.run_id", "run.out_dir") and saved.get(k) != now.get(k)]
+    structural = [k for k in diffs if k.startswith(STRUCTURAL_PREFIXES) or k in STRUCTURAL_KEYS or k in NUMBERS_KEYS]
+    blocking = structural if force else diffs
+    if blocking:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in blocking[:6])
+        more = f" (+{len(blocking) - 6} more)" if len(blocking) > 6 else ""
+        hint = (
+            "these change the model, its state or what the run's numbers mean, and cannot be overridden" if force
+            else "pass the same stack, or --force for keys that do not change the model"
+        )
+        raise ConfigError(f"--resume {value}: the stack differs from the run's ({shown}{more}); {hint}")
+    latest = checkpoint.latest(source)
+    step = None
+    if latest is not None:
+        marker = checkpoint.verify(latest, world_size) if verify_files else checkpoint.read_marker(latest)
+        step = marker["step"]
+        if stack.run.iterations < step:
+            raise ConfigError(
+                f"--resume {value}: run.iterations={stack.run.iterations} is below the checkpoint's step {step}; the run "
+                f"would never reach its last step: set run.iterations >= {step}"
+            )
+    return ResumePlan(source, run_id, source.parent, step, [(k, saved.get(k), now.get(k)) for k in diffs])
 
 
 def _on_master(runtime, fn):
     """``fn()`` on rank 0 only (moves in the file system), its result or its error on every rank."""
     from ..runtime import broadcast_object
 
-    result, problems = None, []
+    result, problems, error = None, [], None
     if runtime.is_master:
         try:
             result = fn()
         except PgolfError as exc:
-            problems = exc.problems
+            problems, error = exc.problems, exc
     result, problems = broadcast_object((result, problems), runtime)
+    if error is not None:
+        raise error
     if problems:
         raise ConfigError(*problems)
     return result
@@ -67,10 +132,9 @@ def _on_master(runtime, fn):
 # -- torchelastic ------------------------------------------------------------------------------------------
 def _restart_count() -> int:
     """Which attempt of a torchelastic job this is (0 outside torchrun or on the first attempt)."""
-    try:
-        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    except ValueError:
-        return 0
+    from ..procenv import attempt_or_zero
+
+    return attempt_or_zero()
 
 
 def _run_id(stack) -> str:
@@ -81,6 +145,9 @@ def _run_id(stack) -> str:
 
     explicit = stack.run.run_id or os.environ.get("PGOLF_RUN_ID")
     if explicit:
+        problem = run_id_problem(explicit)
+        if problem:
+            raise ConfigError(f"run id (PGOLF_RUN_ID) {problem}")
         return explicit
     name = stack.meta.name or Path(stack.path).stem
     try:
@@ -91,7 +158,8 @@ def _run_id(stack) -> str:
         job = os.environ.get("TORCHELASTIC_RUN_ID", "")
         if job and job != "none":
             slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in job)[:40]
-            return f"{name or 'run'}-{slug}"
+            stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._-")[:60]
+            return f"{stem or 'run'}-{slug}"
         raise ConfigError(
             "torchrun --max-restarts: a restarted worker must find its run; pass --run-id (or set run.run_id), "
             "or give torchrun --rdzv-id (or --standalone)"
@@ -99,134 +167,224 @@ def _run_id(stack) -> str:
     return new_run_id(name)
 
 
-def _elastic_reopen(out_dir: Path, run_id: str) -> str:
-    """A restarted attempt's run directory: "resume" it, start it "fresh" (nothing to resume), or it is "done"."""
-    final, partial, failed = out_dir / run_id, out_dir / f"{run_id}.partial", out_dir / f"{run_id}.failed"
+def _elastic_reopen(out_dir: Path, run_id: str) -> tuple[str, Path | None]:
+    """A restarted attempt's run directory (under the run's lock): ("resume", dir), ("fresh", None), or ("done", None)."""
+    final, partial = out_dir / run_id, out_dir / f"{run_id}.partial"
     if final.is_dir() and not partial.exists():
-        return "done"
-    if not partial.is_dir() and failed.is_dir():
-        os.replace(failed, partial)  # the failed attempt's directory, with its checkpoints
-    return "resume" if (partial / "stack.toml").is_file() else "fresh"
+        return "done", None
+    if partial.is_dir():
+        return ("resume", partial) if (partial / "stack.toml").is_file() else ("fresh", None)
+    failed = sorted((p for p in out_dir.glob(f"{run_id}.failed*") if FAILED.fullmatch(p.name[len(run_id):]) and p.is_dir()),
+                    key=lambda p: p.stat().st_mtime)
+    if failed and (failed[-1] / "stack.toml").is_file():
+        return "resume", failed[-1]  # the failed attempt's directory, with its checkpoints
+    return "fresh", None
 
 
-def _check_resume_stack(stack, registry, run_path: Path, force: bool) -> None:
-    """Refuse to continue a run with a different recipe; --force lets non-structural keys change."""
-    from ..config import load_stack
-    from ..config.diff import flatten
-    from ..config.dump import stack_to_dict
+def check_fits(stack, runtime, params: int) -> None:
+    """Refuse, before anything is allocated, a model whose lower-bound memory exceeds this process's device."""
+    from ..config.checks import check_memory
 
-    saved = flatten(stack_to_dict(load_stack(run_path / "stack.toml", registry)))
-    now = flatten(stack_to_dict(stack))
-    ignore = {"run.run_id", "run.out_dir"}
-    diffs = [k for k in sorted(set(saved) | set(now)) if k not in ignore and saved.get(k) != now.get(k)]
-    structural = [k for k in diffs if k.startswith(STRUCTURAL_PREFIXES) or k in STRUCTURAL_KEYS]
-    blocking = structural if force else diffs
-    if blocking:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in blocking[:6])
-        more = f" (+{len(blocking) - 6} more)" if len(blocking) > 6 else ""
-        hint = "these change the model or its state and cannot be overridden" if force else "pass the same stack, or --force for keys that do not change the model"
-        raise ConfigError(f"--resume {run_path}: the stack differs from the run's ({shown}{more}); {hint}")
+    total, where = _device_memory(runtime)
+    if total:
+        check_memory(stack, total, where, params=params)
 
 
-class StopFlag:
-    """SIGTERM/SIGINT ask the loop to finish the current step, checkpoint and stop (agreed across ranks)."""
-
-    def __init__(self, runtime) -> None:
-        import signal
-
-        self.runtime = runtime
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-    def __call__(self) -> bool:
-        if not self.runtime.distributed:
-            return self.raised
+def _device_memory(runtime) -> tuple[int, str]:
+    if runtime.is_cuda:
         import torch
-        import torch.distributed as dist
 
-        flag = torch.tensor(int(self.raised), device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        props = torch.cuda.get_device_properties(runtime.device)
+        return int(props.total_memory), f"{props.name} ({runtime.device}) has"
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0, ""
+    try:
+        local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        local = 1
+    return total // local, f"this host's memory{f' shared by {local} processes' if local > 1 else ''} gives each process"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ..signals import SignalGuard
+
+    guard = SignalGuard(graceful=bool(args.checkpoint_every)).install()  # SIGTERM/SIGINT: see pgolf_core/signals.py
+    try:
+        return _checked_run(args, guard)
+    finally:
+        guard.restore()
+
+
+def _checked_run(args: argparse.Namespace, guard) -> int:
+    from ..procenv import elastic_attempt
+
+    layout = read_process_env()  # a garbled RANK/WORLD_SIZE is one line, before anything else
+    elastic_attempt()
+    if os.environ.get("PGOLF_FAULT", "").strip():  # a bad fault spec is an input error like any other
+        from ..faults import parse
+
+        parse(os.environ["PGOLF_FAULT"])
     nproc = parse_nproc(args.nproc_per_node)
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    under_torchrun = layout.distributed
     stack, registry = load_stack_and_registry(args)  # validate before launching anything
-    check_buildable(stack, registry)
+    model, _ = check_buildable(stack, registry)
+    from ..model.gpt import count_parameters
+
+    params = count_parameters(model)
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every {args.checkpoint_every}: must be a positive number of steps")
+    if args.force and not args.resume:
+        raise ConfigError("--force only applies to --resume RUN_DIR")
+    launching = not under_torchrun and (nproc > 1 or bool(args.nnodes and args.nnodes != "1"))
+    plan = None
     if args.resume:
-        resume_path, run_id, out_dir = _resume_names(args.resume)
-        if not under_torchrun:  # one process (or our launcher, before any worker starts) reopens and checks
-            _check_resume_stack(stack, registry, _reopen(args.resume), args.force)
-        stack = attrs.evolve(stack, run=attrs.evolve(stack.run, run_id=run_id, out_dir=out_dir))
-    if not under_torchrun and (nproc > 1 or (args.nnodes and args.nnodes != "1")):
-        return _launch_torchrun(args, nproc, stack)
+        world = nproc if launching else layout.world_size
+        plan = plan_resume(args.resume, stack, registry, args.force, world, verify_files=layout.rank == 0)
+        stack = attrs.evolve(stack, run=attrs.evolve(stack.run, run_id=plan.run_id, out_dir=str(plan.out_dir)))
+    if launching:
+        return _launch_torchrun(args, nproc, stack, plan)
+    return _run(args, stack, registry, params, plan, guard)
 
-    from ..rundir import RunDir
+
+def _run(args, stack, registry, params: int, plan: ResumePlan | None, guard) -> int:
+    from ..rundir import RunDir, RunLock
     from ..runtime import broadcast_str, setup_runtime
     from ..threads import configure as configure_threads
-    from ..train import load_data, run_training
+    from ..train import load_data
 
     threads = configure_threads(stack, args.threads)  # before any work: torch sizes its pool on first use
     runtime = setup_runtime(stack)
+    guard.runtime = runtime
+    lock = None
     try:
+        check_fits(stack, runtime, params)
         data_files = load_data(stack, runtime.device, registry)  # bad data fails here, before anything is written
         run_id = broadcast_str(_run_id(stack), runtime)
-        resume = bool(args.resume)
-        if under_torchrun and _restart_count() > 0:  # torchrun --max-restarts: continue the failed attempt's run
-            mode = _on_master(runtime, lambda: _elastic_reopen(Path(stack.run.out_dir), run_id))
+        out_dir = Path(stack.run.out_dir)
+        lock = RunLock(out_dir, run_id) if runtime.is_master else None
+        _on_master(runtime, lambda: lock.acquire())  # one run per run id, from here until the run is committed
+        source = plan.source if plan is not None else None
+        if runtime.distributed and _restart_count() > 0:  # torchrun --max-restarts: continue the failed attempt's run
+            mode, found = _on_master(runtime, lambda: _elastic_reopen(out_dir, run_id))
             if mode == "done":
                 if runtime.is_master:
-                    print(f"run complete: {Path(stack.run.out_dir) / run_id} (finished before this restart)", file=sys.stderr)
+                    print(f"run complete: {out_dir / run_id} (finished before this restart)", file=sys.stderr)
                 return 0
-            resume = mode == "resume"
-        elif under_torchrun and args.resume:
-            _on_master(runtime, lambda: _reopen(args.resume))  # no-op after our launcher; needed under plain torchrun
-            _check_resume_stack(stack, registry, Path(stack.run.out_dir) / f"{run_id}.partial", args.force)
+            source = found if mode == "resume" else source
         rundir = RunDir(stack.run.out_dir, run_id, runtime.is_master)
-        rundir.open(resume=resume)
-        if runtime.is_master:
-            print(f"run directory: {rundir.path}", file=sys.stderr)
-        from ..progress import attach
-        from ..threads import attach as attach_threads
-
-        detach_progress = attach(registry, rundir, runtime)  # a bar on a terminal, plain lines elsewhere
-        detach_faults = _attach_faults(registry, runtime)
-        detach_threads = attach_threads(registry, threads if runtime.is_master else None)
+        extra: dict = {} if plan is None else {"resumed_from_step": plan.step}
+        cleanup = _Cleanup(stack, registry, rundir, run_id, extra, guard)
         try:
-            stop = StopFlag(runtime) if args.checkpoint_every else None
-            run_training(
-                stack, registry, runtime, rundir, data_files,
-                checkpoint_every=args.checkpoint_every or 0, resume=resume, stop_requested=stop,
-            )
-        except BaseException as exc:
-            detach_progress()  # end the bar's line first, so what follows does not land on it
-            reason = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
-            failed = rundir.fail(reason)
-            if failed is not None:
-                print(f"run failed; log kept in {failed}", file=sys.stderr)
-                interrupted = getattr(exc, "exit_code", None) == 130 or isinstance(exc, KeyboardInterrupt)
-                _write_ledger(stack, registry, failed, run_id, "interrupted" if interrupted else "failed", reason)
+            try:
+                with guard.shield(deliver=True):  # opened and armed together: a signal cannot fall in between
+                    _on_master(runtime, lambda: _open_rundir(rundir, source))
+                    cleanup.armed = guard.opened = True  # from here on, a failure marks this run's directory failed
+                return _train_and_commit(args, stack, registry, runtime, rundir, data_files, source is not None, plan, guard, extra, threads)
+            except BaseException as exc:
+                cleanup.failed(exc)
+                raise
+        except StoppedError as late:  # a signal in the first instructions of the cleanup above: finish it
+            cleanup.failed(late)
             raise
-        finally:
-            detach_threads()
-            detach_faults()
-            detach_progress()
-        final = rundir.finish()
     finally:
-        runtime.shutdown()
+        with guard.shield():
+            if lock is not None:
+                lock.release()
+            runtime.shutdown()
+
+
+def _open_rundir(rundir, source: Path | None) -> None:
+    """Under the lock: a resumed run's directory becomes ``.partial`` (only now, after every check), then opens."""
+    if source is not None:
+        rundir.adopt(source)
+    try:
+        rundir.open(resume=source is not None)
+    except PgolfError:
+        if source is not None and source != rundir.path and rundir.path.is_dir() and not source.exists():
+            os.replace(rundir.path, source)  # a refused resume renames nothing: put the directory back
+        raise
+
+
+def _train_and_commit(args, stack, registry, runtime, rundir, data_files, resume: bool, plan, guard, extra: dict, threads) -> int:
+    """Train, export and evaluate in the open run directory, then commit it: the ledger line, then the rename."""
+    from ..progress import attach
+    from ..threads import attach as attach_threads
+    from ..train import run_training
+
     if runtime.is_master:
-        _write_ledger(stack, registry, final, run_id, "complete")
+        print(f"run directory: {rundir.path}", file=sys.stderr)
+    if plan is not None and plan.changes:  # --force: what the resumed run really uses is what it records
+        from ..config.dump import stack_to_toml
+
+        rundir.write_text("stack.toml", stack_to_toml(stack))
+        changed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in plan.changes)
+        rundir.log(f"resume: --force changed {changed}")
+        extra["forced"] = {k: [old, new] for k, old, new in plan.changes}
+    detach_progress = attach(registry, rundir, runtime)  # a bar on a terminal, plain lines elsewhere
+    detach_faults = _attach_faults(registry, runtime)
+    detach_guard = guard.attach(registry)
+    detach_threads = attach_threads(registry, threads if runtime.is_master else None)
+    try:
+        run_training(
+            stack, registry, runtime, rundir, data_files,
+            checkpoint_every=args.checkpoint_every or 0, resume=resume,
+            stop_requested=guard if args.checkpoint_every else None,
+        )
+    finally:
+        detach_threads()
+        detach_guard()
+        detach_faults()
+        detach_progress()
+    guard.phase = "commit"
+    with guard.shield():  # the ledger line first, then the rename: a finished run always has its line
+        rundir.close()
+        final = rundir.final
+        if runtime.is_master:
+            _write_ledger(stack, registry, rundir.path, rundir.run_id, "complete", recorded_dir=final, extra=extra)
+        rundir.finish()
     if runtime.is_master:
-        _report(final)
+        guard.phase = "report"
+        if not guard.received:
+            _report(final)
         print(f"run complete: {final}", file=sys.stderr)
+    if guard.received:
+        if runtime.is_master:
+            print(f"error: {guard.received[0]} arrived after the run was committed; it is complete, its report was skipped "
+                  f"(pgolf report {final})", file=sys.stderr)
+        return 130
     return 0
+
+
+class _Cleanup:
+    """A failed run's cleanup, once: the directory becomes .failed and the ledger gets its line, shielded from
+    further signals."""
+
+    def __init__(self, stack, registry, rundir, run_id: str, extra: dict, guard) -> None:
+        self.stack, self.registry, self.rundir, self.run_id, self.extra, self.guard = stack, registry, rundir, run_id, extra, guard
+        self.armed = False  # only once this run opened its directory: never touch another run's
+        self.done = False
+
+    def failed(self, exc: BaseException) -> None:
+        with self.guard.shield():
+            if self.done or not self.armed:
+                return
+            self.done = True
+            reason = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
+            failed = self.rundir.fail(reason)
+            if failed is None:
+                return
+            _stderr(f"run failed; log kept in {failed}")
+            interrupted = getattr(exc, "exit_code", None) == 130 or isinstance(exc, KeyboardInterrupt)
+            _write_ledger(self.stack, self.registry, failed, self.run_id, "interrupted" if interrupted else "failed", reason, extra=self.extra)
+
+
+def _stderr(line: str) -> None:
+    try:
+        print(line, file=sys.stderr)
+    except (OSError, ValueError):
+        pass
 
 
 def _attach_faults(registry, runtime):
@@ -238,7 +396,8 @@ def _attach_faults(registry, runtime):
     return attach(registry, runtime)
 
 
-def _write_ledger(stack, registry, run_dir: Path, run_id: str, status: str, error: str | None = None) -> None:
+def _write_ledger(stack, registry, run_dir: Path, run_id: str, status: str, error: str | None = None,
+                  recorded_dir: Path | None = None, extra: dict | None = None) -> None:
     """Append the run's line to the ledger; a ledger that cannot be written never changes the run's outcome."""
     from ..ledger import append, ledger_path, make_record
 
@@ -246,10 +405,10 @@ def _write_ledger(stack, registry, run_dir: Path, run_id: str, status: str, erro
     if path is None:
         return
     try:
-        append(path, make_record(stack, registry, run_dir, run_id, status, error))
+        append(path, make_record(stack, registry, run_dir, run_id, status, error, recorded_dir=recorded_dir, extra=extra))
     except Exception as exc:
         text = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
-        print(f"warning: ledger not written: {text}", file=sys.stderr)
+        _stderr(f"warning: ledger not written: {text}")
 
 
 def _report(run_dir: Path) -> None:
@@ -259,7 +418,8 @@ def _report(run_dir: Path) -> None:
     try:
         md, png = write_report(run_dir)
     except Exception as exc:
-        print(f"warning: report not written: {type(exc).__name__}: {exc} (retry with 'pgolf report {run_dir}')", file=sys.stderr)
+        text = "; ".join(exc.problems) if isinstance(exc, PgolfError) else f"{type(exc).__name__}: {exc}"
+        _stderr(f"warning: report not written: {text} (retry with 'pgolf report {run_dir}')")
         return
     if png is None:
         print(f"report: {md} (loss.png skipped: matplotlib is not installed; pip install 'pgolf[plot]')", file=sys.stderr)
@@ -267,8 +427,12 @@ def _report(run_dir: Path) -> None:
         print(f"report: {md}, {png}", file=sys.stderr)
 
 
-def _launch_torchrun(args: argparse.Namespace, nproc: int, stack) -> int:
-    """Re-run this command under torch's own launcher (``torch.distributed.run``)."""
+def _launch_torchrun(args: argparse.Namespace, nproc: int, stack, plan: ResumePlan | None = None) -> int:
+    """Re-run this command under torch's own launcher (``torch.distributed.run``) and wait for it. SIGTERM is
+    passed on to torchrun (which stops its workers, each finishing as a signalled run does); SIGINT from a
+    terminal reaches every process of the group by itself, so the launcher only waits for their exit code."""
+    import signal
+
     from ..rundir import new_run_id
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
@@ -296,8 +460,8 @@ def _launch_torchrun(args: argparse.Namespace, nproc: int, stack) -> int:
         cmd += ["--run-id", args.run_id]
     if args.checkpoint_every:
         cmd += ["--checkpoint-every", str(args.checkpoint_every)]
-    if args.resume:
-        cmd += ["--resume", str(Path(stack.run.out_dir) / f"{stack.run.run_id}.partial")]
+    if plan is not None:
+        cmd += ["--resume", str(plan.source)]
     if args.force:
         cmd.append("--force")
     if args.debug:
@@ -306,7 +470,19 @@ def _launch_torchrun(args: argparse.Namespace, nproc: int, stack) -> int:
     env.setdefault("PGOLF_RUN_ID", stack.run.run_id or args.run_id or new_run_id(stack.meta.name or Path(stack.path).stem))
     env.setdefault("OMP_NUM_THREADS", "1")
     print("launching: " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame) -> None:
+        if signum == signal.SIGTERM and proc.poll() is None:
+            proc.send_signal(signum)
+
+    saved = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:

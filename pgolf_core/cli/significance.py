@@ -1,9 +1,12 @@
 """``pgolf significance``: the challenge's record test, a one-sided Welch t-test of the candidate runs'
-improvement over baseline runs (one per seed); exit code 1 when it is not significant, so scripts can branch."""
+improvement over baseline runs (one per seed); exit code 1 when it is not significant, so scripts can branch.
+A run given twice (or in both groups), or a seed repeated within a group, would fake independent samples and is
+refused."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -18,15 +21,30 @@ def cmd_significance(args: argparse.Namespace) -> int:
     def warn(line: str) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
+    seen: dict[object, str] = {}  # each run counts once, in one group
+
     def values(paths: list[str], side: str) -> list[float]:
-        out = []
+        out, seeds = [], {}
         for path in paths:
             run = read_run(path)
             value = run.final_loss if args.metric == "val_loss" else run.final_bpb
             if value is None:
                 raise ConfigError(f"{path}: no final {args.metric} (submission.json or a final metrics record); is the run finished?")
-            seed = run.summary.get("seed", "?")
-            print(f"{side:<9} {run.run_id}  seed {seed}  {args.metric} {value:.8f}")
+            for key in (("dir", Path(path).resolve()), ("run_id", run.run_id)):
+                if key in seen:
+                    raise ConfigError(
+                        f"{path}: the same run as {seen[key]} (same {'directory' if key[0] == 'dir' else 'run id ' + repr(run.run_id)}); "
+                        "each run may be counted once, in one group"
+                    )
+                seen[key] = path
+            seed = run.summary.get("seed")
+            if seed is not None and seed in seeds:
+                raise ConfigError(
+                    f"{path}: seed {seed} is counted twice among the {side} runs (also {seeds[seed]}); the test needs one run per "
+                    "seed, or the same seed's repeats count as independent samples"
+                )
+            seeds[seed] = path
+            print(f"{side:<9} {run.run_id}  seed {seed if seed is not None else '?'}  {args.metric} {value:.8f}")
             out.append(value)
         return out
 

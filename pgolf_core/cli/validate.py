@@ -10,6 +10,7 @@ from .common import add_stack_args, add_toy_arg, check_buildable, load_stack_and
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from ..export import code_bytes
+    from ..config.checks import memory_estimate
     from ..model.gpt import count_parameters
 
     stack, registry = load_stack_and_registry(args)
@@ -18,6 +19,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{stack.path}: ok")
     print(f"model_params:{n}")
     print(f"code_bytes:{code_bytes(stack, registry)}")
+    print(f"memory: {memory_estimate(stack, n).describe()}")
     for slot, choice in stack.slots.items():
         print(f"  {slot:<10} {choice.technique}")
     for i, mod in enumerate(stack.modifiers):

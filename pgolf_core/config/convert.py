@@ -1,13 +1,17 @@
 """Strict structuring of TOML tables into attrs classes with cattrs.
 
 No silent coercion: ``1.7`` is not an int, ``"no"`` is not a bool, ``"3"`` is not a number. The one
-widening allowed is an integer where a float is expected (``lr = 1``), which loses nothing. Every problem
-in a table is collected and returned as ``(key path, message)`` pairs, so a user sees all of them at once.
+widening allowed is an integer where a float is expected (``lr = 1``), which loses nothing. A float must be
+finite and at most ``FLOAT_LIMIT`` in magnitude: ``nan < 0`` is false, so NaN would pass every range check
+after it, and a value whose square overflows float32 turns into inf as soon as it reaches a tensor. Text must
+be writable as UTF-8 (a run writes it back into ``stack.toml``). Every problem in a table is collected and
+returned as ``(key path, message)`` pairs, so a user sees all of them at once.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from typing import Any
 
@@ -15,12 +19,19 @@ import attrs
 import cattrs
 
 
+FLOAT_LIMIT = 1e18
+"""Largest magnitude of any float in a stack: its square (1e36) still fits in float32 (3.4e38)."""
+
+
 class StrictTypeError(TypeError):
     pass
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with more digits than Python converts to text
+        return f"{type(value).__name__} of {value.bit_length()} bits"
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{type(value).__name__} {text}"
@@ -29,13 +40,23 @@ def _describe(value: Any) -> str:
 def _strict_int(value: Any, _: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise StrictTypeError(f"expected int, got {_describe(value)}")
+    if not -(2**63) <= value < 2**63:
+        raise StrictTypeError(f"{_describe(value)} is out of range: integers in a stack are 64-bit, as TOML's")
     return value
 
 
 def _strict_float(value: Any, _: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise StrictTypeError(f"expected float, got {_describe(value)}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise StrictTypeError(f"expected a finite float, got {_describe(value)}")
+    if abs(number) > FLOAT_LIMIT:
+        raise StrictTypeError(f"{_describe(value)} is out of range: floats in a stack are limited to |x| <= {FLOAT_LIMIT:g}")
+    return number
 
 
 def _strict_bool(value: Any, _: Any) -> bool:
@@ -47,6 +68,10 @@ def _strict_bool(value: Any, _: Any) -> bool:
 def _strict_str(value: Any, _: Any) -> str:
     if not isinstance(value, str):
         raise StrictTypeError(f"expected string, got {_describe(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # e.g. undecodable bytes of a command line, carried as surrogates
+        raise StrictTypeError(f"expected UTF-8 text, got {_describe(value)} (it holds bytes that are not UTF-8)") from None
     return value
 
 
@@ -61,7 +86,7 @@ def _strict_int_tuple(value: Any, _: Any) -> tuple[int, ...]:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, int):
             raise StrictTypeError(f"expected a list of ints, got element {_describe(item)}")
-        out.append(item)
+        out.append(_strict_int(item, int))
     return tuple(out)
 
 

@@ -27,9 +27,15 @@ def stack_to_dict(stack: Stack) -> dict[str, Any]:
     return out
 
 
+def _comment(text: str) -> str:
+    """Text for a ``#`` comment line: as typed when it is one printable line, else escaped (``repr``), so a
+    newline or a stray byte in a path or a ``--set`` value can never break the TOML a run writes."""
+    return text if text.isprintable() else repr(text)
+
+
 def stack_to_toml(stack: Stack) -> str:
-    header = [f"# resolved from {stack.path}"]
-    header += [f"# --toy {o}" for o in stack.toy]
-    header += [f"# --set {o}" for o in stack.overrides]
-    header += [f"# legacy env: {e}" for e in stack.legacy_env]
+    header = [f"# resolved from {_comment(stack.path)}"]
+    header += [f"# --toy {_comment(o)}" for o in stack.toy]
+    header += [f"# --set {_comment(o)}" for o in stack.overrides]
+    header += [f"# legacy env: {_comment(e)}" for e in stack.legacy_env]
     return "\n".join(header) + "\n" + tomli_w.dumps(stack_to_dict(stack))

@@ -79,7 +79,16 @@ def _read_toml(path: Path, display: str, source: _Source, chain: list[Path]) -> 
         hint = " (bundled stacks: 'pgolf stacks')" if not chain else ""
         where = f"{chain[-1]}: extends " if chain else ""
         raise ConfigError(f"{where}{display}: stack file not found{hint}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{display}: cannot read the stack file ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{display}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); TOML files are UTF-8, save it as UTF-8"
+        ) from None
     source.files.append((display, text))
     try:
         data = tomllib.loads(text)

@@ -640,8 +640,6 @@ def script_source(stack: Any, registry: Any) -> str:
                 node.name = names[(module, stmt.name)]
             body.append(ast.unparse(node))
     for (module, name), cls in closure.params_classes.items():
-        import importlib
-
         defaults = _fields_defaults(getattr(importlib.import_module(module), name))
         body.append(f"{names[(module, name)]} = {names[FACTORY]}({defaults!r})")
 

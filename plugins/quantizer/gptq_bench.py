@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,8 +105,9 @@ def format_gptq_bench(result: dict) -> str:
 
 
 def dump(result: dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+    from pgolf_core.rundir import atomic_write
+
+    atomic_write(Path(path), json.dumps(result, indent=1).encode("utf-8"))
 
 
 def cmd_bench_gptq(args: argparse.Namespace) -> int:
