@@ -247,22 +247,25 @@ def test_a_sweep_keeps_going_past_a_failed_seed_and_reports_the_spread(tmp_path,
 
 
 def test_sweep_then_significance_end_to_end(tmp_path):
-    """pgolf sweep STACK --seeds 1,2,3 runs one directory per seed; pgolf significance takes the sweep directly."""
+    """pgolf sweep STACK --seeds 1,2,3,4 runs one directory per seed; pgolf significance takes a sweep (or its
+    runs) directly, and refuses a run counted in both groups."""
     fast = ["--set", "run.iterations=2", "--set", "run.warmup_steps=0", "--set", "run.val_loss_every=0"]
-    proc = run_cli(["sweep", "sample", "--seeds", "1,2,3", "--sweep-id", "base", *fast], tmp_path)
+    proc = run_cli(["sweep", "sample", "--seeds", "1,2,3,4", "--sweep-id", "base", *fast], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout.splitlines()  # the runs' own lines go to stderr: stdout is the summary
-    assert out[0] == "sweep runs/base: sample-variant, 3 seed(s)" and [line.split()[1] for line in out[1:4]] == ["1", "2", "3"]
-    assert out[4].startswith("val_loss: mean ") and "(std, n=3; min " in out[4] and out[5].startswith("val_bpb: mean ")
-    assert sorted(p.name for p in (tmp_path / "runs" / "base").iterdir()) == ["seed_1", "seed_2", "seed_3", "sweep.json"]
+    assert out[0] == "sweep runs/base: sample-variant, 4 seed(s)" and [line.split()[1] for line in out[1:5]] == ["1", "2", "3", "4"]
+    assert out[5].startswith("val_loss: mean ") and "(std, n=4; min " in out[5] and out[6].startswith("val_bpb: mean ")
+    assert sorted(p.name for p in (tmp_path / "runs" / "base").iterdir()) == ["seed_1", "seed_2", "seed_3", "seed_4", "sweep.json"]
     manifest = json.loads((tmp_path / "runs" / "base" / "sweep.json").read_text())
     losses = [r["val_loss"] for r in manifest["runs"]]
-    assert len(set(losses)) == 3 and manifest["val_loss"]["mean"] == pytest.approx(sum(losses) / 3)  # three seeds, three results
+    assert len(set(losses)) == 4 and manifest["val_loss"]["mean"] == pytest.approx(sum(losses) / 4)  # four seeds, four results
     ledger = [json.loads(line) for line in (tmp_path / "runs" / "ledger.jsonl").read_text().splitlines()]
-    assert sorted(r["seed"] for r in ledger) == [1, 2, 3] and all(r["status"] == "complete" for r in ledger)
-    sig = run_cli(["significance", "runs/base", "--baseline", "runs/base"], tmp_path)
+    assert sorted(r["seed"] for r in ledger) == [1, 2, 3, 4] and all(r["status"] == "complete" for r in ledger)
+    same = run_cli(["significance", "runs/base", "--baseline", "runs/base"], tmp_path)
+    assert same.returncode == 2 and "each run may be counted once, in one group" in same.stderr, same.stderr
+    sig = run_cli(["significance", "runs/base/seed_1", "runs/base/seed_2", "--baseline", "runs/base/seed_3", "runs/base/seed_4"], tmp_path)
     assert sig.returncode == 1, sig.stderr  # a recipe does not beat itself
-    assert "candidate: n=3" in sig.stdout and "baseline:  n=3" in sig.stdout and "NOT SIGNIFICANT" in sig.stdout
+    assert "candidate: n=2" in sig.stdout and "baseline:  n=2" in sig.stdout and "NOT SIGNIFICANT" in sig.stdout
 
 
 def test_a_sweep_refuses_to_set_the_seed_twice(capsys):

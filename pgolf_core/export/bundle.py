@@ -610,8 +610,39 @@ def _used(stack: Any) -> list[tuple[str, str]]:
     return [(slot, c.technique) for slot, c in stack.slots.items()] + [("modifier", m.technique) for m in stack.modifiers]
 
 
+MAIN_LINE = "if __name__ == '__main__':"
+
+
+def code_key(stack: Any) -> list[tuple[str, str]]:
+    """What the code of the exported script depends on in a stack: its techniques, in order (modifiers by
+    position, since their environment switches are indexed). Parameter values are data (``data_lines``)."""
+    return _used(stack)
+
+
+def data_lines(stack: Any) -> str:
+    """The stack's values as the script's ``STACK`` and ``ENV`` tables: the only part that changes when a
+    stack changes a number, a path or a seed."""
+    return f"STACK = {stack_data(stack)!r}\nENV = {env_table(stack)!r}\n"
+
+
 def script_source(stack: Any, registry: Any) -> str:
     """The readable exported script for ``stack``: the code it runs, its data, and the ``main`` call."""
+    return splice(script_code(stack, registry), data_lines(stack))
+
+
+def splice(code: str, data: str) -> str:
+    """``data`` put just before the script's closing ``if __name__ == '__main__'`` line of ``code`` (readable or
+    minified: the minifier keeps that statement last and leaves the free names ``STACK`` and ``ENV`` alone)."""
+    for line in (MAIN_LINE, "if __name__=='__main__':"):
+        head, sep, tail = code.rpartition("\n" + line)
+        if sep:
+            return f"{head}\n{data.rstrip()}{sep}{tail}"
+    raise AssertionError("the exported code has no closing main line")
+
+
+def script_code(stack: Any, registry: Any) -> str:
+    """The exported script without its data tables: every statement ``main`` needs, the technique table and the
+    closing main call, which reads the free names ``STACK`` and ``ENV`` that ``splice`` defines."""
     used = {key: registry.get(*key) for key in dict.fromkeys(_used(stack))}
     bundler = Bundler(found.module.split(".")[0] for found in used.values())
     closure = Closure(bundler)
@@ -655,11 +686,9 @@ def script_source(stack: Any, registry: Any) -> str:
             switches.append(f"[{index}, {r.enable_env!r}, {{{layers}}}]")
     header = sorted(set(closure.externals.values()), key=lambda s: (not s.startswith("import "), s))
     lines = ["from __future__ import annotations", *header, "", *body, ""]
-    lines.append(f"STACK = {stack_data(stack)!r}")
     lines.append(f"BUILDS = {{{builds}}}")
-    lines.append(f"ENV = {env_table(stack)!r}")
     lines.append(f"SWITCHES = [{', '.join(switches)}]")
-    lines.append(f"if __name__ == '__main__':\n    {names[ENTRY]}(STACK, BUILDS, ENV, SWITCHES)")
+    lines.append(f"{MAIN_LINE}\n    {names[ENTRY]}(STACK, BUILDS, ENV, SWITCHES)")
     return "\n".join(lines) + "\n"
 
 

@@ -33,9 +33,21 @@ def minify(source: str) -> str:
     )
 
 
+def minify_data(source: str) -> str:
+    """Literal assignments minified without renaming their names (the code reads them by name)."""
+    import python_minifier
+
+    return python_minifier.minify(source, rename_globals=False, hoist_literals=False, remove_literal_statements=True)
+
+
 def pack(source: str) -> str:
     """The packed script: ``source`` minified, LZMA2-compressed (raw), base85 in the ``exec`` wrapper."""
-    payload = base64.b85encode(lzma.compress(minify(source).encode("utf-8"), format=lzma.FORMAT_RAW, filters=FILTERS)).decode("ascii")
+    return wrap(minify(source))
+
+
+def wrap(minified: str) -> str:
+    """Already minified source, LZMA2-compressed (raw), base85 in the ``exec`` wrapper."""
+    payload = base64.b85encode(lzma.compress(minified.encode("utf-8"), format=lzma.FORMAT_RAW, filters=FILTERS)).decode("ascii")
     return WRAPPER.format(payload=payload)
 
 

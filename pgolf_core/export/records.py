@@ -19,7 +19,6 @@ from typing import Any
 
 from ..errors import ConfigError
 from .bundle import installed_modules, script_source
-from .pack import pack
 
 def requirements(source: str) -> list[str]:
     """The distributions the exported script imports, found from its import statements (the standard library
@@ -110,10 +109,14 @@ def submission(stack: Any, code_bytes: int, run: dict[str, Any] | None) -> dict[
 def write_records(dest: Path, stack: Any, registry: Any, *, packed: bool = True, run_dir: Path | None = None, force: bool = False) -> dict[str, Any]:
     """Write the records folder for ``stack`` (from ``run_dir``'s results when given) at ``dest``; returns what
     was written with the counted code bytes."""
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
+    from . import packed_script
+
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"-o {dest}: is a file, not a folder; choose a folder path (the records folder is created there)")
+    if dest.exists() and any(dest.iterdir()) and not force:
         raise ConfigError(f"-o {dest}: exists and is not empty; choose another folder or pass --force to replace it")
     source = script_source(stack, registry)
-    script = pack(source) if packed else source
+    script = packed_script(stack, registry) if packed else source
     code = len(script.encode("utf-8"))
     run = None
     if run_dir is not None:
@@ -128,8 +131,11 @@ def write_records(dest: Path, stack: Any, registry: Any, *, packed: bool = True,
         "submission.json": json.dumps(submission(stack, code, run), indent=2) + "\n",
         "requirements.txt": "\n".join(packages) + "\n",
     }
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as exc:
+        raise ConfigError(f"-o {dest}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
     try:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -138,6 +144,9 @@ def write_records(dest: Path, stack: Any, registry: Any, *, packed: bool = True,
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"-o {dest}: cannot write the records folder ({exc.strerror or exc}); choose a writable folder") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
