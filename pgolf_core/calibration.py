@@ -61,6 +61,28 @@ class CalibrationContext:
         return sequential_view(list(self.techniques))
 
 
+@contextlib.contextmanager
+def state_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's attributes as they were before, afterwards: calibration runs the live model eagerly
+    (sampling, decoding, Hessian hooks), and whatever it leaves on the modules (a RoPE table built for a sampling
+    length, a decode attribute) would be a new guard, hence a new graph, for the compiled final evaluation.
+    Parameters, buffers and submodules are kept as objects; their contents are not calibration's to change."""
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, before in saved:
+            now = m.__dict__
+            for key in [k for k in now if k not in before]:
+                del now[key]
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+
+
+_MISSING = object()
+
+
 def forward_hooks_on_linears(model: nn.Module, fn: Callable[[str, Tensor], None]) -> list[Any]:
     """Register ``fn(weight_name, input_2d)`` on every ``CastedLinear`` of ``model``; returns the handles."""
     handles = []

@@ -45,6 +45,16 @@ class EvalEnv:
     autocast: Any = contextlib.nullcontext
     base_model: Any = None  # the uncompiled, unwrapped model (for logits-level evaluators)
     compile: bool = False
+    compile_fn: Any = None  # how the run compiles (``Runtime.compiled``); None: plain torch.compile
+
+    def compiled(self, fn: Any) -> Any:
+        """``fn`` (e.g. ``base_model.logits``) compiled as the run compiles its model (fullgraph, static shapes, the
+        run's backend, counted by ``pgolf rehearse``), or ``fn`` itself in an eager run."""
+        if not self.compile:
+            return fn
+        if self.compile_fn is not None:
+            return self.compile_fn(fn, dynamic=False, fullgraph=True)
+        return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 def eval_val(model: nn.Module, env: EvalEnv) -> tuple[float, float]:

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from .artifact import build_artifact, load_artifact, serialize
-from .calibration import CalibrationContext
+from .calibration import CalibrationContext, state_kept
 from .compliance import final_line_compliance, quantizer_compliance
 from .contracts import Calibrating, FinalEvalAware, FinalResult
 from .errors import BudgetError, DataError
@@ -47,7 +47,8 @@ def export_and_evaluate(trainer: Any, rundir: Any, bytes_code: int) -> tuple[Any
         rundir.write_bytes("final_model.pt", _serialize(weights))
     if isinstance(quantizer, Calibrating):
         t0 = time.perf_counter()
-        quantizer.calibrate(calibration_context(trainer))
+        with state_kept(trainer.base_model):  # the compiled final evaluation sees the model as training left it
+            quantizer.calibrate(calibration_context(trainer))
         rt.sync()
         calib_ms = 1000.0 * (time.perf_counter() - t0)
         log(f"calibration:done time:{calib_ms:.0f}ms (after the training clock; counted in no budget, as in PR #1019)")

@@ -1,4 +1,9 @@
-"""Process layout and device policy: one code path for CPU (fp32, gloo, eager) and CUDA (bf16, NCCL, compile)."""
+"""Process layout and device policy: one code path for CPU (fp32, gloo, eager) and CUDA (bf16, NCCL, compile).
+
+The dtype and compile policy is a value of its own (``Policy``): a run takes the one its device implies;
+``pgolf rehearse`` forces the CUDA policy onto the CPU with a cheap compiler backend, so that the CUDA run's
+casts, guards and recompiles happen on a machine without a GPU, through the same code.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,32 @@ from .config.schema import Stack
 from .errors import ConfigError
 
 
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How a run computes: bf16 autocast and the reference's casts, ``torch.compile`` or eager, and the compiler
+    backend (None: torch's default, inductor). The device does not decide it when a policy is given."""
+
+    bf16: bool
+    compile: bool
+    backend: str | None = None
+
+
+def set_recompile_limit(limit: int) -> None:
+    """Dynamo's per-function graph limit (``recompile_limit``; ``cache_size_limit`` before torch 2.6), the knob
+    the references raise (PR #1392 to 32 for its final evaluation, PR #1319 to 64)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", int(limit))
+
+
+def recompile_limit() -> int:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", None) or config.cache_size_limit)
+
+
 @dataclasses.dataclass
 class Runtime:
     rank: int
@@ -24,6 +55,12 @@ class Runtime:
     bf16: bool
     compile: bool
     grad_accum_steps: int
+    compile_backend: str | None = None
+    compiled_functions: list[tuple[str, Any, bool]] = dataclasses.field(default_factory=list)
+    """(name, code object, fullgraph) of every function ``compiled`` compiled, in order: what ``pgolf rehearse``
+    reports on."""
+    guard_fail_fn: Any = None
+    """Called with each guard failure that leads to a recompile (``pgolf rehearse`` listens); None in a run."""
 
     @property
     def is_master(self) -> bool:
@@ -38,6 +75,26 @@ class Runtime:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=True)
         return contextlib.nullcontext()
 
+    def compiled(self, fn: Any, name: str | None = None, **kwargs: Any) -> Any:
+        """``fn`` (a module, bound method or function) under ``torch.compile(**kwargs)`` with this run's backend,
+        or ``fn`` itself in an eager run. Every compile of a run goes through here, so a rehearsal sees each."""
+        if not self.compile:
+            return fn
+        code = compiled_code(fn)
+        self.compiled_functions.append((name or function_name(fn), code, bool(kwargs.get("fullgraph", False))))
+        if self.compile_backend is not None:
+            kwargs.setdefault("backend", self.compile_backend)
+        if self.guard_fail_fn is not None:
+            # torch.compile is torch._dynamo.optimize with a backend wrapper and takes no guard-failure hook;
+            # optimize does, with the same guards and limits.
+            import torch._dynamo
+
+            return torch._dynamo.optimize(
+                kwargs.get("backend", "inductor"), nopython=bool(kwargs.get("fullgraph", False)), dynamic=kwargs.get("dynamic"),
+                guard_fail_fn=self.guard_fail_fn,
+            )(fn)
+        return torch.compile(fn, **kwargs)
+
     def sync(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
@@ -51,8 +108,29 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def setup_runtime(stack: Stack) -> Runtime:
-    """Read torchrun's environment, pick the device, join the process group, set the math knobs."""
+def compiled_code(fn: Any) -> Any:
+    """The code object dynamo caches graphs on for ``fn``: a module's ``forward``, a method's function."""
+    if isinstance(fn, torch.nn.Module):
+        fn = type(fn).forward
+    fn = getattr(fn, "__func__", fn)
+    return getattr(fn, "__code__", None)
+
+
+def function_name(fn: Any) -> str:
+    """``GPT.forward``, ``GPT.logits``, ``zeropower_batched``: how reports name a compiled function."""
+    if isinstance(fn, torch.nn.Module):
+        return f"{type(fn).__name__}.forward"
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        return f"{type(owner).__name__}.{fn.__name__}"
+    return getattr(fn, "__qualname__", repr(fn))
+
+
+def setup_runtime(stack: Stack, policy: Policy | None = None) -> Runtime:
+    """Read torchrun's environment, pick the device, join the process group, set the math knobs.
+
+    ``policy`` None: the device's own (bf16 and compile on CUDA, ``run.compile`` deciding compile); given, it
+    is used as is on whatever device the stack picks (``pgolf rehearse``: the CUDA policy on the CPU)."""
     from .procenv import read_process_env
 
     layout = read_process_env()  # one line for a stray or garbled RANK/WORLD_SIZE
@@ -93,9 +171,14 @@ def setup_runtime(stack: Stack) -> Runtime:
             extra.update(store=store, rank=rank, world_size=world_size)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", **extra)
         dist.barrier()
-    compile_mode = stack.run.compile
-    compile_on = compile_mode == "on" or (compile_mode == "auto" and use_cuda)
-    return Runtime(rank, world_size, local_rank, distributed, device, use_cuda, compile_on, grad_accum_steps)
+    if policy is None:
+        compile_mode = stack.run.compile
+        policy = Policy(bf16=use_cuda, compile=compile_mode == "on" or (compile_mode == "auto" and use_cuda))
+    if policy.compile:
+        set_recompile_limit(stack.run.recompile_limit)
+    return Runtime(
+        rank, world_size, local_rank, distributed, device, policy.bf16, policy.compile, grad_accum_steps, compile_backend=policy.backend
+    )
 
 
 def _attempt_store(rank: int, world_size: int) -> Any:

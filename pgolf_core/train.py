@@ -9,6 +9,7 @@ Techniques are reached only at build time and at loop boundaries.
 from __future__ import annotations
 
 import copy
+import math
 import platform
 import random
 import time
@@ -178,7 +179,7 @@ class Trainer:
         self.base_model, modifier_objects = build_model(stack, registry)
         self.base_model = self.base_model.to(device)
         cast_for_device(self.base_model, runtime.bf16)
-        compiled = torch.compile(self.base_model, dynamic=False, fullgraph=True) if runtime.compile else self.base_model
+        compiled = runtime.compiled(self.base_model, dynamic=False, fullgraph=True)
         self.optimizers = build_slot(stack, registry, "optimizer")(self.base_model, runtime)
         self.ddp = runtime.distributed and not self.optimizers.syncs_gradients
         if self.ddp:
@@ -200,7 +201,7 @@ class Trainer:
         self.modifier_objects = modifier_objects
         self.eval_env = EvalEnv(
             data_files.val, data.train_seq_len, data.val_batch_size, runtime.grad_accum_steps, runtime.rank,
-            runtime.world_size, device, runtime.autocast, base_model=self.base_model, compile=runtime.compile,
+            runtime.world_size, device, runtime.autocast, base_model=self.base_model, compile=runtime.compile, compile_fn=runtime.compiled,
         )
         self.loader = self.new_loader()
         self.state = TrainState(stack, runtime, self.base_model, self.optimizers, log, iterations=args.iterations)
@@ -212,6 +213,8 @@ class Trainer:
         self._resumed_objects: list[Any] | None = None
         self.checkpoint_every = 0
         self.checkpoint_fn: Any = None  # called with the step after a step that is a multiple of checkpoint_every
+        self.last_checkpoint: int | None = None  # the step of the newest checkpoint this run wrote or resumed from
+        self.watch = NonFiniteWatch(self.base_model, device)
         self.stop_requested: Any = lambda: False  # a signal asked us to stop after this step
 
     def new_loader(self) -> Any:
@@ -235,14 +238,16 @@ class Trainer:
         return total / grad_accum
 
     def train_step(self, step: int, scale: float) -> torch.Tensor:
-        loader_state = self.loader.state_dict()
         self.optimizers.zero_grad()
         loss = self.forward_backward()
-        grad_norm = self.nonfinite_probe(loss)
-        if grad_norm is not None:  # NaN/inf: never applied to the weights
-            self.on_nonfinite(step, loss, grad_norm, loader_state)  # raises under "stop"
-            self.optimizers.zero_grad()
-            return loss
+        if self.stack.run.on_nonfinite == "skip":
+            grad_norm = self.nonfinite_probe(loss)
+            if grad_norm is not None:  # NaN/inf: never applied to the weights
+                self.skip_nonfinite(step, loss, grad_norm)
+                self.optimizers.zero_grad()
+                return loss
+        else:
+            self.watch.record(step, loss)  # on the device; read at the loop's next host read (check_finite)
         self.optimizers.before_step(step)
         self.optimizers.set_lr_scale(scale)
         self.optimizers.step(self.base_model)
@@ -250,11 +255,13 @@ class Trainer:
         return loss
 
     def nonfinite_probe(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """One fused check of the step's loss and gradients before the update; None when all are finite.
+        """``run.on_nonfinite = "skip"`` only: one fused check of the step's loss and gradients before the update;
+        None when all are finite.
 
-        Cost: one pass reading the gradients (a multi-tensor norm), a 2-element all-reduce under torchrun
-        (ranks must agree: gradients are not synchronised yet with some optimizers), and one host sync per
-        step; see docs/reliability.md.
+        Dropping exactly the bad update needs its answer on the host before the optimizer runs: one pass
+        reading the gradients (a multi-tensor norm), a 2-element all-reduce under torchrun (ranks must agree:
+        gradients are not synchronised yet with some optimizers), and one host sync per step, none of which the
+        references have; the default, "stop", adds neither (``NonFiniteWatch``). See docs/reliability.md.
         """
         grads = [p.grad for p in self.base_model.parameters() if p.grad is not None]
         grad_norm = _total_norm(grads) if grads else torch.zeros((), device=loss.device)
@@ -265,27 +272,61 @@ class Trainer:
             return None
         return grad_norm
 
-    def on_nonfinite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, loader_state: dict[str, Any]) -> None:
-        """``run.on_nonfinite``: "skip" logs and counts the dropped step; "stop" checkpoints the state before it
-        (when checkpointing is on) and raises one line naming the step and the techniques."""
+    def skip_nonfinite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """``run.on_nonfinite = "skip"``: log and count the dropped step."""
         args = self.stack.run
         n = step + 1
         values = f"train_loss:{float(loss):.4f} grad_norm:{float(grad_norm):.4f}"
-        self.metric(kind="nonfinite", step=n, train_loss=float(loss), grad_norm=float(grad_norm), action=args.on_nonfinite)
-        if args.on_nonfinite == "skip":
-            self.nonfinite_skips += 1
-            self.log(f"step:{n}/{args.iterations} nonfinite {values}: update skipped (run.on_nonfinite=skip; {self.nonfinite_skips} so far)")
-            return
-        saved = ""
-        if self.checkpoint_fn is not None:
-            self.loader.load_state_dict(loader_state)  # replay this step's batch on resume
-            self.loop = LoopState(step=step, training_time_ms=max(self.state.train_time_ms, self.loop.training_time_ms))
-            self.checkpoint_fn(step)
-            saved = f"; the state before it is checkpointed (step {step}): --resume RUN_DIR [--force] continues from there"
+        self.metric(kind="nonfinite", step=n, train_loss=float(loss), grad_norm=float(grad_norm), action="skip")
+        self.nonfinite_skips += 1
+        self.log(f"step:{n}/{args.iterations} nonfinite {values}: update skipped (run.on_nonfinite=skip; {self.nonfinite_skips} so far)")
+
+    def check_finite(self, step: int, loss: torch.Tensor | None = None, agreed_first: float | None = None) -> float | None:
+        """``run.on_nonfinite = "stop"``, at a host read the loop makes anyway (after ``step`` steps): raise one line
+        naming the first non-finite step, what was found and the last checkpoint when the training went
+        non-finite; else return ``loss`` as a float (the value the loop was about to read). ``agreed_first``: the
+        first non-finite step every rank agreed on through the wallclock-cap all-reduce."""
+        if self.stack.run.on_nonfinite != "stop":
+            return None if loss is None else loss.item()
+        found = self.watch.check(loss, distributed=self.runtime.distributed)
+        if agreed_first is not None and found.first_bad is None:
+            found = dataclasses.replace(found, first_bad=agreed_first)
+        if found.ok and agreed_first is None:
+            self.watch.checked_at = step
+            return found.loss
+        args = self.stack.run
+        first = found.first_bad
+        if first is not None:
+            at = int(first) + 1
+            detail = f"train loss non-finite from step {at}" + ("" if found.weights_ok else ", weights non-finite")
+        else:
+            at = step
+            detail = f"weights non-finite, train loss finite: a non-finite gradient after step {self.watch.checked_at}"
+        if at != step:
+            detail += f"; found at step {step}"
+        if found.loss is not None:
+            detail = f"train_loss:{found.loss:.4f}; {detail}"
+        self.metric(kind="nonfinite", step=at, found_at=step, train_loss=found.loss, weights_finite=found.weights_ok, action="stop")
+        if self.checkpoint_fn is None:
+            saved = ""
+        elif self.last_checkpoint is None:
+            saved = "; no checkpoint was written before it"
+        else:
+            saved = (
+                f"; the last checkpoint (step {self.last_checkpoint}) holds the last state checked finite: --resume RUN_DIR "
+                "[--force] continues from there"
+            )
         raise NonFiniteError(
-            f"non-finite loss or gradients at step {n}/{args.iterations} ({values}); techniques: {technique_table(self.stack)}"
+            f"non-finite loss or gradients at step {at}/{args.iterations} ({detail}); techniques: {technique_table(self.stack)}"
             f"{saved}; lower the learning rates, or set run.on_nonfinite = \"skip\" to drop such steps"
         )
+
+    def save_checkpoint(self, step: int) -> None:
+        """A checkpoint of the state after ``step`` steps, checked finite first (its copy to the host waits for the
+        device anyway), so that every checkpoint is a state a resumed run can continue from."""
+        self.check_finite(step)
+        self.checkpoint_fn(step)
+        self.last_checkpoint = step
 
     def warmup(self, steps: int) -> None:
         """Prime compiled paths, then restore the initial weights, optimizer state and data stream."""
@@ -328,6 +369,7 @@ class Trainer:
         self.optimizers.load_state_dict(state["optimizers"])
         self.loader.load_state_dict(state["loader"])
         self.loop = LoopState(**state["loop"])
+        self.last_checkpoint = self.watch.checked_at = self.loop.step  # a checkpoint holds a state checked finite
         # Technique state is applied after on_train_start, which would otherwise re-initialise it (EMA).
         self._resumed_objects = state["objects"]
         rng = state["rng"]
@@ -400,24 +442,30 @@ class Trainer:
             state.step, state.lr_scale, state.train_time_ms = step, scale, approx_ms
             events.fire("after_optimizer_step", state)
             if args.train_log_every > 0 and (step <= 10 or step % args.train_log_every == 0 or stop_after_step is not None):
-                loss_value = train_loss.item()
+                loss_value = self.check_finite(step, train_loss)  # the reference's train_loss.item(), with the check
                 state.train_loss = loss_value
                 log(f"step:{step}/{args.iterations} train_loss:{loss_value:.4f} train_time:{approx_ms:.0f}ms step_avg:{approx_ms / step:.2f}ms")
                 self.metric(kind="train", step=step, train_loss=loss_value, train_time_ms=approx_ms, lr_scale=scale)
             events.fire("on_step_end", state)
             reached_cap = max_wallclock_ms is not None and approx_ms >= max_wallclock_ms
             if rt.distributed and max_wallclock_ms is not None:
-                flag = torch.tensor(int(reached_cap), device=rt.device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                reached_cap = bool(flag.item())
+                # The reference's per-step all-reduce of the cap flag; its second element carries the first
+                # non-finite step (negated: MAX over ranks is the earliest), so every rank stops at once.
+                flags = self.watch.with_flag(float(reached_cap)) if args.on_nonfinite == "stop" else torch.tensor(float(reached_cap), device=rt.device)
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                values = flags.tolist() if flags.ndim else [flags.item()]
+                reached_cap = values[0] > 0
+                if len(values) > 1 and math.isfinite(values[1]):
+                    self.check_finite(step, agreed_first=-values[1])
             if stop_after_step is None and reached_cap:
                 stop_after_step = step
             stop_now = self.stop_requested()
             if self.checkpoint_fn is not None and ((self.checkpoint_every and step % self.checkpoint_every == 0) or stop_now):
                 self.loop = LoopState(step=step, training_time_ms=approx_ms, stop_after_step=stop_after_step)
-                self.checkpoint_fn(step)
+                self.save_checkpoint(step)
             if stop_now:
                 raise Interrupted(step)
+        self.check_finite(step)  # after the last validation's reads: nothing non-finite is averaged, quantized or exported
         events.fire("on_train_end", state)
         if rt.is_cuda:
             log(
@@ -425,6 +473,65 @@ class Trainer:
                 f"reserved: {torch.cuda.max_memory_reserved() // 1024 // 1024} MiB"
             )
         return step, training_time_ms
+
+
+@dataclasses.dataclass(frozen=True)
+class Finiteness:
+    loss: float | None  # the train loss the loop read with the check (None when it read none)
+    first_bad: float | None  # the first step (0-based) whose train loss was non-finite on this rank, if any
+    weights_ok: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.weights_ok and self.first_bad is None
+
+
+class NonFiniteWatch:
+    """Non-finite detection that adds no host sync and no collective to a training step (``run.on_nonfinite =
+    "stop"``, the default).
+
+    Per step, on the device (``record``): the first step whose train loss was NaN/inf, three scalar kernels and
+    nothing read back. At the host reads the loop makes anyway (``check``, through ``Trainer.check_finite``): the
+    weights' finiteness (one multi-tensor pass over the parameters) and that step, read back in one transfer
+    with the value the loop was reading: the logged train loss (the reference's ``train_loss.item()``), the
+    start of a checkpoint, the end of training. Under torchrun with a wallclock cap the per-step all-reduce of
+    the cap flag also carries the first non-finite step (``with_flag``). After a synchronised update every rank
+    holds the same weights, so ranks decide alike without a collective of their own.
+
+    Detection latency: a non-finite step is found at the next of these points: the same step under torchrun
+    with a wallclock cap; otherwise the next logged step (each of the first 10, then every
+    ``run.train_log_every``), the next checkpoint (checked before it is written, so every checkpoint holds a
+    finite state) or the end of training (after the last validation, before averaging, quantizing or the final
+    evaluation), whichever comes first.
+    Its update has been applied by then; dropping exactly that update needs a host read before every optimizer
+    step, which ``run.on_nonfinite = "skip"`` pays for.
+    """
+
+    NEVER = float("inf")
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.first_bad = torch.full((), self.NEVER, dtype=torch.float64, device=device)
+        self.checked_at = 0  # the last step the check found finite
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        bad_at = torch.where(torch.isfinite(loss.detach()), self.NEVER, float(step))
+        self.first_bad = torch.minimum(self.first_bad, bad_at)
+
+    def with_flag(self, flag: float) -> torch.Tensor:
+        """``[flag, -first_bad]``: what the wallclock-cap all-reduce (MAX) carries."""
+        return torch.stack([torch.full_like(self.first_bad, flag), -self.first_bad])
+
+    def check(self, loss: torch.Tensor | None, distributed: bool) -> Finiteness:
+        params = [p for p in self.model.parameters()]
+        weights_ok = torch.isfinite(_total_norm(params)) if params else torch.ones((), dtype=torch.bool, device=self.first_bad.device)
+        parts = [self.first_bad, weights_ok.to(torch.float64)] + ([loss.detach().to(torch.float64).reshape(())] if loss is not None else [])
+        values = torch.stack(parts).tolist()  # one host read, where the loop reads anyway
+        first = values[0] if math.isfinite(values[0]) else None
+        if distributed and values[1] > 0:
+            first = None  # ranks agree on the weights, not on each one's own loss: act on the weights alone
+        return Finiteness(values[2] if loss is not None else None, first, values[1] > 0)
+
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: grouped multi-tensor kernels

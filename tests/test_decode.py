@@ -123,3 +123,31 @@ def test_probe_uses_only_exact_positions(registry):
     stack, model = _model(registry)  # ntk_seq_len 8 < the probe's 16 positions: probing past 8 would "fail"
     with torch.no_grad():
         assert decode_mismatch(model, stack.model.vocab_size, torch.device("cpu")) is None
+
+
+def test_decoding_and_calibration_leave_no_state_on_the_model(registry):
+    """A compiled forward guards on the modules' attributes: decoding must put its attribute back on the class,
+    and calibration (sampling, decoding, Hessian hooks on the live model) leaves every module as it found it:
+    no RoPE table built for a sampling length, no inference tensor, no decode attribute."""
+    from pgolf_core.calibration import state_kept
+
+    stack, model = _model(registry)
+    ids = torch.randint(0, stack.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    aware = [m for m in model.modules() if getattr(type(m), "decode_aware", False)]
+    assert aware and all("_decode" not in m.__dict__ for m in aware)
+    with torch.no_grad():
+        _stepwise(model, ids[:, :5], [1] * 5)
+    assert all("_decode" not in m.__dict__ for m in aware)  # back on the class, where the compiled graph saw it
+
+    with torch.no_grad():
+        model(ids, ids)  # the tables a training-length forward builds
+    before = [(m, dict(m.__dict__)) for m in model.modules()]
+    rotary = model.blocks[0].attn.rotary
+    table = rotary._cos_cached
+    with state_kept(model):
+        with torch.inference_mode():
+            model.logits(ids[:, :7])  # a sampling length, under inference mode: the cache is rebuilt for 7 positions
+        assert rotary._seq_len_cached == 7 and not rotary._cos_cached.is_inference()
+        model.extra_attribute = 1
+    assert rotary._cos_cached is table and rotary._seq_len_cached == 16 and not hasattr(model, "extra_attribute")
+    assert all(m.__dict__.keys() == d.keys() and all(m.__dict__[k] is v for k, v in d.items()) for m, d in before)

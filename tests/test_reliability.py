@@ -136,22 +136,28 @@ def _cpu_runtime() -> Runtime:
 
 
 # -- non-finite loss and gradients ----------------------------------------------------------------------------
-def test_nonfinite_stop_checkpoints_the_state_before_the_step_and_resumes_to_identical_numbers(cli, small_data, straight, tmp_path):
+def test_nonfinite_stop_fails_at_the_next_check_keeping_the_last_finite_checkpoint_and_resumes_to_identical_numbers(cli, small_data, straight, tmp_path):
+    """"stop" adds no host read to a step: step 5's NaN is found where the loop reads the loss it logs (every step
+    up to 10), after its update; the checkpoint of step 3 was checked finite before it was written."""
     runs = tmp_path / "runs"
     code, err = cli(_argv(small_data, runs, run_id="cut", checkpoint_every=3), fault="nan:step=5")
     (line,) = _errors(err)
     assert code == 4
-    assert line.startswith("error: non-finite loss or gradients at step 5/6 (train_loss:nan grad_norm:nan); techniques: embedding=token ")
-    assert "optimizer=muon" in line and "the state before it is checkpointed (step 4)" in line and 'run.on_nonfinite = "skip"' in line
+    assert line.startswith(
+        "error: non-finite loss or gradients at step 5/6 (train_loss:nan; train loss non-finite from step 5, weights non-finite); "
+        "techniques: embedding=token "
+    )
+    assert "optimizer=muon" in line and "the last checkpoint (step 3) holds the last state checked finite" in line
+    assert 'run.on_nonfinite = "skip"' in line
     failed = runs / "cut.failed"
-    assert [d.name for d in (failed / "checkpoints").iterdir()] == ["step_00000004"]  # the step-3 one replaced
+    assert [d.name for d in (failed / "checkpoints").iterdir()] == ["step_00000003"]
     state = checkpoint.load(checkpoint.latest(failed), _cpu_runtime())
-    assert state["loop"]["step"] == 4 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert state["loop"]["step"] == 3 and all(torch.isfinite(t).all() for t in state["model"].values())
     assert "step:5/6 train_loss" not in (failed / "log.txt").read_text()  # the failed step is not reported as trained
 
     code, err = cli(_argv(small_data, runs, resume=failed))  # the fault was transient: the same stack continues
     assert code == 0, err
-    assert "resumed at step:4/6" in (runs / "cut" / "log.txt").read_text()
+    assert "resumed at step:3/6" in (runs / "cut" / "log.txt").read_text()
     assert _numbers(runs / "cut") == straight["numbers"]
 
 
@@ -182,8 +188,9 @@ def _state_equal(a, b) -> bool:
     return a == b
 
 
-def test_a_nonfinite_gradient_alone_is_caught_and_never_applied(registry):
-    """The check covers gradients, not only the loss; a skipped step leaves weights and optimizer state as they were."""
+def test_a_nonfinite_gradient_alone_is_caught(registry):
+    """The checks cover gradients, not only the loss: under "skip" the step is dropped before its update (weights and
+    optimizer state as they were); under "stop" the weights it made non-finite are found at the next check."""
     from pgolf_core.train import Trainer, load_data
 
     stack = tiny_stack(registry, 'run.on_nonfinite="skip"', "run.grad_accum_base=2", "data.train_batch_tokens=1024")
@@ -200,11 +207,15 @@ def test_a_nonfinite_gradient_alone_is_caught_and_never_applied(registry):
     assert "step:2/2 nonfinite" in logs[-1] and "grad_norm:nan" in logs[-1]
 
     trainer.stack = tiny_stack(registry, "run.grad_accum_base=2", "data.train_batch_tokens=1024")  # on_nonfinite = "stop"
-    with pytest.raises(NonFiniteError) as info:
-        trainer.train_step(1, 1.0)
+    assert trainer.check_finite(1, loss) == pytest.approx(float(loss))  # finite so far: the loss the loop would log
+    loss = trainer.train_step(1, 1.0)  # no host read: the NaN update is applied
     handle.remove()
+    assert torch.isfinite(loss) and not torch.isfinite(param).all()
+    with pytest.raises(NonFiniteError) as info:
+        trainer.check_finite(2, loss)
     (problem,) = info.value.problems
-    assert "at step 2/2" in problem and "checkpointed" not in problem and "modifier" not in problem
+    assert problem.startswith("non-finite loss or gradients at step 2/2 (train_loss:") and "weights non-finite, train loss finite: a non-finite gradient after step 1" in problem
+    assert "checkpoint" not in problem and "modifier" not in problem
 
 
 # -- a full disk ----------------------------------------------------------------------------------------------

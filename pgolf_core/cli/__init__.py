@@ -1,4 +1,4 @@
-"""The ``pgolf`` command: run, sweep, validate, config, export, bench, list, show, stacks, schema, report, compare, significance,
+"""The ``pgolf`` command: run, sweep, validate, config, export, bench, rehearse, list, show, stacks, schema, report, compare, significance,
 ledger, data, plus the commands installed plugins add (``pgolf_add_commands``; the gptq plugin's bench-gptq).
 
 Every user error is printed as one line per problem on stderr (``error: …``) with exit code 2 (3 for an
@@ -13,10 +13,10 @@ import sys
 
 from ..errors import OutputClosedError, PgolfError
 from ..procenv import quiet_rank
-from . import bench, config, data, export, ledger, list_cmd, report, run, schema, show, significance, stacks, sweep, validate
+from . import bench, config, data, export, ledger, list_cmd, rehearse, report, run, schema, show, significance, stacks, sweep, validate
 
 # The order here is the order of ``pgolf --help``.
-COMMANDS = (run, sweep, validate, config, export, bench, list_cmd, show, stacks, schema, report, significance, ledger, data)
+COMMANDS = (run, sweep, validate, config, export, bench, rehearse, list_cmd, show, stacks, schema, report, significance, ledger, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

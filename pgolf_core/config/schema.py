@@ -55,12 +55,19 @@ class RunConfig:
     )
     device: str = param("auto", help="'auto' (cuda when available), 'cuda' or 'cpu'", validator=one_of("auto", "cuda", "cpu"))
     compile: str = param("auto", help="torch.compile the model: 'auto' (on for cuda), 'on', 'off'", validator=one_of("auto", "on", "off"))
+    recompile_limit: int = param(
+        8,
+        help="graphs torch.compile may build per compiled function before a fullgraph run fails (dynamo's recompile_limit; "
+        "8 is torch's default, PR #1392 raised it to 32 and PR #1319 to 64); 'pgolf rehearse' checks a stack stays 2 below it",
+        validator=bounded(1, 2**16),
+    )
     artifact_cap_bytes: int = param(16_000_000, help="size cap for code + compressed model", unit="bytes", validator=bounded(1, 2**62))
     save_raw_model: bool = param(False, help="also write the unquantized state dict (final_model.pt)")
     on_nonfinite: str = param(
         "stop",
-        help="a NaN/inf loss or gradient: 'stop' (checkpoint the state before that step, fail naming the step) or "
-        "'skip' (drop that step's update, log it, continue; skips are counted in summary.json)",
+        help="a NaN/inf loss or gradient: 'stop' (found at the loop's next host read, a logged step at the latest, with no "
+        "cost per step; fail naming the step; checkpoints hold only states checked finite) or 'skip' (drop exactly that "
+        "step's update, log it, continue; skips are counted in summary.json; a host read and, under torchrun, an all-reduce per step)",
         validator=one_of("stop", "skip"),
     )
 

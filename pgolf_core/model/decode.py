@@ -62,14 +62,23 @@ def undecodable_modules(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def decoding(model: nn.Module, cache: DecodeCache) -> Iterator[None]:
+    """The decode-aware modules see ``cache`` for the duration; afterwards each is as before, the attribute
+    back on the class where it was (an instance attribute left behind is a new guard for a compiled forward)."""
     aware = [m for m in model.modules() if getattr(type(m), "decode_aware", False)]
+    saved = [(m, m.__dict__.get("_decode", _ABSENT)) for m in aware]
     for m in aware:
         m._decode = cache
     try:
         yield
     finally:
-        for m in aware:
-            m._decode = None
+        for m, before in saved:
+            if before is _ABSENT:
+                m.__dict__.pop("_decode", None)
+            else:
+                m._decode = before
+
+
+_ABSENT = object()
 
 
 def decode_logits(model: nn.Module, new_ids: Tensor, cache: DecodeCache) -> Tensor:

@@ -111,9 +111,7 @@ def eval_sliding(base_model, env, seq_len: int, stride: int, batch_seqs: int, re
     total = tokens.numel() - 1
     mine = rank_share(window_starts(total, seq_len, stride), env.rank, env.world_size)
     totals = ScoreTotals(device, record)
-    logits_fn = base_model.logits
-    if env.compile:
-        logits_fn = torch.compile(base_model.logits, dynamic=False, fullgraph=True)
+    logits_fn = env.compiled(base_model.logits)
     was_training = base_model.training
     base_model.eval()
     with torch.no_grad():

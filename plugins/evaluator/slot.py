@@ -153,9 +153,7 @@ def output_weight(model: nn.Module) -> Tensor:
 
 def _eval_scored(base_model, env, p: SlotParams, seq_len: int, total: int, mine: list[int], totals: ScoreTotals) -> None:
     tokens, device = env.val.tokens, env.device
-    hidden_fn = base_model.hidden
-    if env.compile:
-        hidden_fn = torch.compile(base_model.hidden, dynamic=False, fullgraph=True)
+    hidden_fn = env.compiled(base_model.hidden)
     weight = output_weight(base_model)
     softcap = base_model.head.cap
     prev = None
@@ -219,9 +217,7 @@ def _eval_causal(base_model, env, p: SlotParams, seq_len: int, total: int, mine:
             return base_model.head.logits(norm(h.to(act_dtype)), tok_weight).float()
 
     with pre_norm_hidden(base_model) as norm:
-        hidden_fn = base_model.hidden
-        if env.compile:
-            hidden_fn = torch.compile(base_model.hidden, dynamic=False, fullgraph=True)
+        hidden_fn = env.compiled(base_model.hidden)
         for bi in range(0, len(mine), p.batch_seqs):
             batch = mine[bi : bi + p.batch_seqs]
             bsz = len(batch)

@@ -136,9 +136,7 @@ def eval_score_first_ttt(base_model, env, params: ScoreFirstTTTParams, seq_len: 
         for q in base_model.parameters():
             q.requires_grad_(id(q) in train_ids)
         opt = torch.optim.SGD(weights, lr=p.lr, momentum=p.momentum, nesterov=p.nesterov)
-        logits_fn = base_model.logits
-        if env.compile:
-            logits_fn = torch.compile(base_model.logits, dynamic=False, fullgraph=True)
+        logits_fn = env.compiled(base_model.logits)
         for c, windows in enumerate(chunks):
             if not windows:
                 continue

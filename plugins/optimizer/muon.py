@@ -169,7 +169,7 @@ def build(params: MuonParams, ctx):
             adam["weight_decay"] = params.adam_wd
         token_lr = params.tied_embed_lr if tied else params.embed_lr
         opt_tok = adam_cls([{"params": [t], "lr": token_lr} for t in tables], **adam)
-        zeropower = torch.compile(zeropower_via_newtonschulz5) if runtime.compile else zeropower_via_newtonschulz5
+        zeropower = runtime.compiled(zeropower_via_newtonschulz5)  # compiled in the baseline and every #315-line script
         opt_muon = Muon(
             matrix, lr=params.matrix_lr, momentum=params.momentum, backend_steps=params.backend_steps,
             weight_decay=params.weight_decay, zeropower=zeropower, row_equilibrate=params.row_equilibrate,

@@ -66,7 +66,10 @@ class ParallelMuonParams:
 
 
 def zeropower_batched(G: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Quintic Newton–Schulz on a stack of matrices (B, m, n) at once, in bf16 (PR #399's batched form)."""
+    """Quintic Newton–Schulz on a stack of matrices (B, m, n) at once, in bf16 (PR #399's batched form).
+
+    Eager also in a compiled run, as the #1019 record ("runs eagerly with bmm -- do NOT compile") and PR #1392
+    ran it: a compiled version fuses the bf16 element-wise steps and rounds differently."""
     a, b, c = (3.4445, -4.7750, 2.0315)
     X = G.bfloat16()
     transposed = X.size(-2) > X.size(-1)
@@ -289,7 +292,6 @@ def build(params: ParallelMuonParams, ctx):
         muon = BankedMuon(
             banks, lr=params.matrix_lr, momentum=params.momentum, backend_steps=params.backend_steps,
             weight_decay=params.weight_decay, row_equilibrate=params.row_equilibrate,
-            zeropower=torch.compile(zeropower_batched) if runtime.compile else None,
         )
         adam_scalar = torch.optim.AdamW([{"params": scalar, "lr": params.scalar_lr}], **adam)
         head = None
