@@ -11,7 +11,10 @@ same stack:
   to exactly this selector (``XSA_LAST_N=4`` for ``"last 4"``, ``VE_LAYERS=9,10`` for ``[9, 10]``), with the
   technique's other layer variables at their "unset" value (``CANON_FIRST_N=0`` beside ``CANON_LAST_N=5``);
 - ``enable_env`` switches: ``NAME=1`` for a modifier the stack uses, ``NAME=0`` for an installed one it does
-  not, because several reference scripts turn their techniques on by default.
+  not, because several reference scripts turn their techniques on by default;
+- ``select_env`` switches of the chosen slot techniques: the variables by which a script that offers several
+  techniques for a slot picks this one (``EMA_ENABLED=0 SWA_ENABLED=1 TIGHT_SWA=1``), since its default may
+  be another.
 
 What the environment cannot say (a selector no variable expresses, two modifiers wanting different values
 of one variable) is returned as notes rather than guessed.
@@ -72,7 +75,9 @@ def stack_to_env(stack: Stack, registry: Registry) -> EnvExport:
     for table_name in CORE_TABLES:
         _emit_fields(out, getattr(stack, table_name), table_name)
     for slot, choice in stack.slots.items():
-        _emit_fields(out, choice.params, f"{slot}({choice.technique})")
+        where = f"{slot}({choice.technique})"
+        _emit_selection(out, registry, slot, choice, where)
+        _emit_fields(out, choice.params, where)
     used: set[str] = set()
     for index, mod in enumerate(stack.modifiers):
         where = f"modifier[{index}]({mod.technique})"
@@ -91,6 +96,39 @@ def stack_to_env(stack: Stack, registry: Registry) -> EnvExport:
     return out
 
 
+def selection_env(technique: Any, params: Any) -> dict[str, str]:
+    """The switches by which a reference script chooses this slot technique among its alternatives."""
+    select = technique.select_env
+    return dict(select(params) if callable(select) else select)
+
+
+def _emit_selection(out: EnvExport, registry: Registry, slot: str, choice: Any, where: str) -> None:
+    """The chosen technique's switches (``EMA_ENABLED=0 SWA_ENABLED=1 TIGHT_SWA=1``), before its parameters as
+    the records' commands write them. A technique that declares none, in a slot whose alternatives switch by
+    environment, gets a note: the script would run its own default for the slot."""
+    reg = registry.get(slot, choice.technique)
+    switches = selection_env(reg.technique, choice.params) if reg is not None else {}
+    for name, value in switches.items():
+        _put(out, name, value, f"{where} (selects it)")
+    if not switches:
+        others = sorted({name for r in registry.all() if r.technique.slot == slot for name in _declared_selection(r.technique)})
+        if others:
+            out.notes.append(
+                f"{where}: declares no reference switch among {' / '.join(others)}; a script that switches its {slot} "
+                "by these runs its own default"
+            )
+
+
+def _declared_selection(technique: Any) -> list[str]:
+    select = technique.select_env
+    if not callable(select):
+        return list(select)
+    try:
+        return list(select(technique.params()))
+    except Exception:  # params without defaults: the names are not knowable without a stack
+        return []
+
+
 def _emit_fields(out: EnvExport, instance: Any, where: str) -> None:
     for attribute in attrs.fields(type(instance)):
         names = env_names(attribute)
@@ -99,6 +137,18 @@ def _emit_fields(out: EnvExport, instance: Any, where: str) -> None:
         value = getattr(instance, attribute.name)
         # An unset optional or an empty string means "the script's own default" (RUN_ID: a fresh id).
         if value is None or value == "":
+            continue
+        mapping = attribute.metadata.get("env_values")
+        if mapping is not None:
+            # The reference spells this field's values its own way (MUON_EQ_R=1 for "bf16"): write its spelling.
+            raw = next((k for k, v in mapping.items() if v == value), None)
+            if raw is None:
+                out.notes.append(
+                    f"{where}.{attribute.name}={value!r} has no {names[0]} value (it takes {', '.join(sorted(mapping))}); "
+                    "the script runs its own default"
+                )
+                continue
+            _put(out, names[0], raw, f"{where}.{attribute.name}")
             continue
         _put(out, names[0], format_env_value(value), f"{where}.{attribute.name}")
 
@@ -115,10 +165,11 @@ def _put(out: EnvExport, name: str, value: str, origin: str) -> None:
 
 
 def _layer_candidates(selector: Any) -> list[str]:
-    """Strings a reference layer variable might hold for this selector: N of 'first/last N', index lists."""
+    """Strings a reference layer variable might hold for this selector: N of 'first/last N', the start of a
+    slice 'N:' (a start-layer variable), index lists."""
     if isinstance(selector, str):
-        m = re.fullmatch(r"\s*(?:first|last)\s+(\d+)\s*", selector)
-        return [m.group(1)] if m else []
+        m = re.fullmatch(r"\s*(?:first|last)\s+(\d+)\s*|\s*(-?\d+)\s*:\s*", selector)
+        return [m.group(1) or m.group(2)] if m else []
     if isinstance(selector, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in selector):
         return [",".join(str(i) for i in selector), ",".join(str(i + 1) for i in selector)]
     return []
@@ -157,14 +208,14 @@ def _emit_layers(out: EnvExport, layers_env: dict[str, Callable[[str], Any]], se
     if found is None and resolved is not None:
         # No variable writes this selector literally ("all", "2:4"); one may still select the same layers.
         n = str(len(resolved))
-        candidates = [",".join(map(str, resolved)), ",".join(str(i + 1) for i in resolved), n]
+        candidates = [",".join(map(str, resolved)), ",".join(str(i + 1) for i in resolved), n, str(resolved[0]) if resolved else n]
         found = _find_layer_variable(layers_env, candidates, lambda back: _resolves_to(back, num_layers, resolved))
         if found is not None:
             out.notes.append(f"{where}: layers={selector!r} written as {found[0]}={found[1]} (the same layers {resolved})")
     if found is None:
         out.notes.append(
             f"{where}: layers={selector!r} (layers {resolved}) is not expressible as {' / '.join(layers_env)}; "
-            "set the selector as 'last N', 'first N' or an index list the variable takes"
+            "choose layers one of these variables selects ('last N', 'first N', 'N:' or an index list, as the variable takes)"
         )
         return
     name, value = found

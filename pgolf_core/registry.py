@@ -48,6 +48,11 @@ class Technique:
     """Modifiers only: a reference env var whose value 0 drops the modifier under ``--legacy-env``."""
     layers_env: dict[str, Callable[[str], Any]] = attrs.field(factory=dict)
     """Modifiers only: reference env vars that set the layer selector (value → selector)."""
+    select_env: dict[str, str] | Callable[[Any], dict[str, str]] = attrs.field(factory=dict)
+    """Slot techniques: the switches (``NAME -> value``) by which a reference script that offers several
+    techniques for this slot chooses this one; a callable receives the technique's params, for a switch that
+    depends on them. ``pgolf config --as-env`` writes them: a script that switches its alternatives by
+    environment runs its own default otherwise, which need not be this technique."""
 
     def __attrs_post_init__(self) -> None:
         if self.slot not in hookspecs.SLOTS:

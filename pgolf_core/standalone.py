@@ -38,9 +38,10 @@ class Params:
         return f"Params({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
 
 
-def params_factory(defaults: dict[str, Any]) -> Callable[..., Params]:
-    """A stand-in for a technique's params class that technique code constructs itself (its defaults baked)."""
-    return lambda **values: Params(**{**defaults, **values})
+def params_factory(fields: list[str], defaults: dict[str, Any]) -> Callable[..., Params]:
+    """A stand-in for an attrs class the bundled code constructs itself (a technique's params, a small record):
+    its defaults baked, its fields accepted by position in declaration order or by name, as attrs accepts them."""
+    return lambda *args, **values: Params(**{**defaults, **dict(zip(fields, args)), **values})
 
 
 class Choice:

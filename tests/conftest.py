@@ -113,7 +113,7 @@ def tiny_stack(registry, *overrides: str, path: Path | None = None):
 # side by side from the start and the short tests fill in at the end, instead of one long run finishing alone.
 SLOW_MODULES = (
     "test_parity_stacks.py", "test_resume.py", "test_parity_baseline.py", "test_reliability.py", "test_toy.py", "test_loop_workflow.py",
-    "test_reliability_rundir.py", "test_reliability_process.py", "test_reliability_fuzz.py",
+    "test_reliability_rundir.py", "test_reliability_process.py", "test_reliability_fuzz.py", "test_gpu_check.py",
 )
 
 

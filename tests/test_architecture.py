@@ -23,7 +23,7 @@ BUNDLED = sorted(p.stem for p in STACKS.glob("*.toml"))
 
 # Plain words that are also the names of techniques; in the core they mean the word (an environment value
 # "none", the "slot" column of a listing, the "baseline" side of a significance test).
-WORDS = {"none", "slot", "baseline"}
+WORDS = {"none", "slot", "baseline", "token"}  # technique names that are also plain words (a lock's "token" key)
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

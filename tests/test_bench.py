@@ -35,6 +35,9 @@ from pgolf_core.config import load_stack
 from pgolf_core.config.dump import stack_to_dict
 from pgolf_core.data import HEADER_BYTES, read_shard_header
 from pgolf_core.envexport import format_env_value, stack_to_env
+from pgolf_core.hookspecs import hookimpl
+from pgolf_core.registry import Technique
+from pgolf.testing import fresh_registry
 from pgolf_core.model.gpt import build_model
 from pgolf_core.train import resolve_data_paths
 
@@ -299,7 +302,7 @@ def _as_env(stack_name: str, *sets: str, capsys) -> dict[str, str]:
     return dict(line.split("=", 1) for line in (shlex.split(line)[0] for line in lines))
 
 
-@pytest.mark.parametrize("name", ["baseline", "pr315", "pr400", "pr450"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in STACKS.glob("*.toml")))
 def test_as_env_round_trips_through_legacy_env(name, registry, capsys):
     stack = load_stack(STACKS / f"{name}.toml", registry)
     env = _as_env(name, capsys=capsys)
@@ -348,6 +351,108 @@ def test_as_env_layer_selectors_and_switches(registry):
     assert any("written as XSA_LAST_N=11" in n for n in same_layers.notes)
     no_variable = stack_to_env(load_stack(STACKS / "pr400.toml", registry, overrides=["modifier[4].layers='last 3'"]), registry)
     assert any("modifier[4](ln_scale): layers='last 3' has no reference variable" in n for n in no_variable.notes)
+
+
+# PR #400's published run command (pr_report_canon_deltagate_11layer.md at the PR's head f4952b1b0cf9, "Final Run
+# Command"), without the launcher's own variables (CUDA_VISIBLE_DEVICES, TORCHINDUCTOR_CACHE_DIR).
+PR400_COMMAND = """
+  RUN_ID=frontier_canon_ac_k3_8gpu_final_report_seed1336
+  DATA_PATH=./data/datasets/fineweb10B_sp1024/
+  TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model
+  VOCAB_SIZE=1024 SEED=1336
+  NUM_LAYERS=11 MODEL_DIM=512 NUM_HEADS=8 NUM_KV_HEADS=4 MLP_MULT=3.0
+  TRAIN_SEQ_LEN=2048
+  EVAL_SEQ_LEN=2048 EVAL_STRIDE=64 EVAL_BATCH_SEQS=32
+  ITERATIONS=7000 WARMUP_STEPS=20 WARMDOWN_ITERS=3000 MAX_WALLCLOCK_SECONDS=600
+  MATRIX_LR=0.025 SCALAR_LR=0.025 TIED_EMBED_LR=0.035
+  MUON_MOMENTUM=0.99 MUON_MOMENTUM_WARMUP_START=0.92 MUON_MOMENTUM_WARMUP_STEPS=1500
+  MUON_WEIGHT_DECAY=0.04 ADAM_WEIGHT_DECAY=0.04
+  EMA_ENABLED=0
+  SWA_ENABLED=1 TIGHT_SWA=1 TIGHT_SWA_EVERY=50 TIGHT_SWA_START_LRMUL=0.2 TIGHT_SWA_MAX_CHECKPOINTS=12
+  XSA_LAST_N=4 ROPE_DIMS=16 LN_SCALE=1
+  LATE_QAT=1 QAT_THRESHOLD=0.1
+  INT6_CATEGORIES=mlp,attn TRAIN_BATCH_TOKENS=786432 GRAD_CLIP_NORM=0.3
+  CANON_SET=AC CANON_KERNEL=3 CANON_RESIDUAL=1 CANON_ACTIVATION=0 CANON_BIAS=0
+  CANON_FIRST_N=0 CANON_LAST_N=5 CANON_DELTA_GATE=1 CANON_DELTA_GATE_INIT=-4.0
+"""
+
+
+def _env_aliases(registry) -> dict[str, str]:
+    """Each declared alias of a variable -> the name --as-env writes (the first): one variable for the script,
+    which reads either (PR #400's reads MUON_WEIGHT_DECAY, else MUON_WD)."""
+    import attrs
+
+    from pgolf_core.config.schema import CORE_TABLES
+    from pgolf_core.envexport import env_names
+
+    classes = list(CORE_TABLES.values()) + [r.technique.params for r in registry.all()]
+    return {alias: names[0] for cls in classes for a in attrs.fields(cls) for names in [env_names(a)] for alias in names}
+
+
+def _as_read(value: str):
+    """A value as the script reads it: numbers by value (MLP_MULT=3.0 is 3), paths without a trailing slash."""
+    try:
+        return float(value)
+    except ValueError:
+        return value.rstrip("/")
+
+
+def test_as_env_reproduces_pr400s_published_command(registry, capsys):
+    command = dict(word.split("=", 1) for word in PR400_COMMAND.split())
+    assert len(command) == 49
+    env = _as_env("pr400", "run.seed=1336", f'run.run_id="{command["RUN_ID"]}"', capsys=capsys)
+    aliases = _env_aliases(registry)
+    got = {name: env.get(aliases.get(name, name)) for name in command}
+    missing = [name for name, value in got.items() if value is None]
+    assert not missing, f"variables of the command that --as-env does not write: {missing}"
+    assert {name: _as_read(v) for name, v in got.items()} == {name: _as_read(v) for name, v in command.items()}
+
+
+def test_as_env_writes_the_reference_spelling_of_mapped_values(registry):
+    pr1392 = stack_to_env(load_stack(STACKS / "pr1392.toml", registry), registry)
+    assert pr1392.variables["MUON_EQ_R"] == "1"  # row_equilibrate "bf16"
+    fp32 = stack_to_env(load_stack(STACKS / "pr1392.toml", registry, overrides=['optimizer.row_equilibrate="fp32"']), registry)
+    assert "MUON_EQ_R" not in fp32.variables
+    assert any("optimizer(parallel_muon).row_equilibrate='fp32' has no MUON_EQ_R value (it takes 0, 1)" in n for n in fp32.notes)
+
+
+def test_as_env_averaging_switches_and_start_layer(registry):
+    def env(name, *overrides):
+        return stack_to_env(load_stack(STACKS / f"{name}.toml", registry, overrides=list(overrides)), registry)
+
+    switches = ("EMA_ENABLED", "SWA_ENABLED", "TIGHT_SWA")
+    assert [env("baseline").variables[k] for k in switches] == ["0", "0", "0"]  # the #315 line's SWA default is on
+    assert [env("pr315").variables[k] for k in switches] == ["1", "0", "0"]
+    assert [env("pr400").variables[k] for k in switches] == ["0", "1", "1"]
+    assert [env("pr450").variables[k] for k in switches] == ["0", "1", "0"]
+    assert [env("pr1392").variables[k] for k in switches] == ["1", "1", "0"]  # the shadow SWA sums under SWA_ENABLED
+    assert env("pr1392", "averaging.shadow_swa_every=0").variables["SWA_ENABLED"] == "0"
+
+    pr1392 = env("pr1392")
+    assert pr1392.variables["PARALLEL_START_LAYER"] == "7" and not any("parallel_residual" in n for n in pr1392.notes)
+    same = env("pr1392", 'modifier.parallel_residual.layers="last 4"')
+    assert same.variables["PARALLEL_START_LAYER"] == "7"
+    assert any("layers='last 4' written as PARALLEL_START_LAYER=7" in n for n in same.notes)
+    gap = env("pr1392", "modifier.parallel_residual.layers=[3, 5]")
+    assert "PARALLEL_START_LAYER" not in gap.variables
+    assert any("layers=[3, 5] (layers [3, 5]) is not expressible as PARALLEL_START_LAYER" in n for n in gap.notes)
+
+
+class _AveragingWithoutSwitches:
+    @staticmethod
+    @hookimpl
+    def pgolf_register_techniques(register) -> None:
+        from pgolf.plugins.averaging.ema import EMA, EMAParams
+
+        register(Technique(name="mine", slot="averaging", params=EMAParams, build=lambda p, ctx: EMA(p), summary="no switches"))
+
+
+def test_as_env_notes_a_slot_technique_without_switches():
+    registry = fresh_registry(_AveragingWithoutSwitches())
+    stack = load_stack(STACKS / "pr315.toml", registry, overrides=['averaging.use="mine"'])
+    out = stack_to_env(stack, registry)
+    assert "EMA_ENABLED" not in out.variables
+    assert any(n.startswith("averaging(mine): declares no reference switch among EMA_ENABLED / SWA_ENABLED / TIGHT_SWA") for n in out.notes)
 
 
 def test_as_env_notes_go_to_stderr(capsys):

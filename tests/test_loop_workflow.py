@@ -85,8 +85,14 @@ def test_overrides_make_a_variant_and_a_seed_does_not(registry):
 
 def test_legacy_last_n_beyond_the_depth_means_every_layer_as_in_the_reference(registry):
     stack = load_stack(STACKS / "pr1019.toml", registry, legacy_env={"NUM_LAYERS": "5", "XSA_LAST_N": "11", "VE_LAYERS": "3,4"})
-    assert next(m for m in stack.modifiers if m.technique == "xsa").layers == "last 5"
-    assert any("XSA_LAST_N=11 -> modifier[3](xsa).layers = 'last 5' (11 > 5 layers: every layer" in line for line in stack.legacy_env)
+    # Every layer, which the file's own selector already says: its spelling is kept.
+    assert next(m for m in stack.modifiers if m.technique == "xsa").layers == "all"
+    assert any(
+        "XSA_LAST_N=11 -> modifier[3](xsa).layers = 'all' (11 > 5 layers: every layer, as the reference reads it; the same layers as the file's 'all')"
+        in line for line in stack.legacy_env
+    )
+    narrower = load_stack(STACKS / "pr1019.toml", registry, legacy_env={"NUM_LAYERS": "5", "XSA_LAST_N": "3", "VE_LAYERS": "3,4"})
+    assert next(m for m in narrower.modifiers if m.technique == "xsa").layers == "last 3"
 
 
 # -- errors that name their cause --------------------------------------------------------------------------------------

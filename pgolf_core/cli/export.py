@@ -23,6 +23,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise ConfigError(f"{source}: not a pgolf run directory (no stack.toml); give a stack file or a finished run's directory")
         if args.legacy_env or args.toy:
             raise ConfigError("--legacy-env and --toy apply to a stack, not to a run directory (its stack is already resolved)")
+        if source.name.endswith(".partial") or ".failed" in source.name or not (source / "submission.json").is_file():
+            raise ConfigError(
+                f"{source}: the run did not finish (no submission.json), so it has no results to submit; resume it "
+                f"(pgolf run STACK --resume {source}) or export its stack: pgolf export {source / 'stack.toml'} -o DIR"
+            )
         run_dir = source
         registry = registry_for(args)
         stack = load_stack(source / "stack.toml", registry, overrides=args.set or [])

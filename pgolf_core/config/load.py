@@ -475,9 +475,23 @@ def _legacy_modifier_env(
             if num_layers and len(words) == 2 and words[0] in ("last", "first") and words[1].isdigit() and int(words[1]) > num_layers:
                 # The references slice their layer list: XSA_LAST_N=11 on a 5-layer model is every layer.
                 selector, note = f"{words[0]} {num_layers}", f" ({words[1]} > {num_layers} layers: every layer, as the reference reads it)"
+            current = table.get("layers", "all")
+            if num_layers and _same_layers(current, selector, num_layers):
+                # The variable selects the layers the file's selector already does ('all' read back from
+                # XSA_LAST_N=11): the file's spelling is kept, so its own environment resolves to the same stack.
+                selector, note = current, (f"{note[:-1]}; " if note else " (") + f"the same layers as the file's {current!r})"
             table["layers"] = selector
             log.append(f"{env_name}={env[env_name]} -> modifier[{index}]({name}).layers = {table['layers']!r}{note}")
     return True
+
+
+def _same_layers(a: Any, b: Any, num_layers: int) -> bool:
+    from .checks import parse_layers
+
+    try:
+        return parse_layers(a, num_layers) == parse_layers(b, num_layers)
+    except (ValueError, TypeError):
+        return False
 
 
 def _structure_choice(table: Any, slot: str, where: str, registry: Registry, legacy_env, env_log, report) -> Choice | None:

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import code_key, data_lines, script_code, script_source, splice
-from .pack import minify, minify_data, wrap
+from .pack import minify, wrap
 
 __all__ = ["code_bytes", "packed_script", "script_source"]
 
 
 def packed_script(stack: Any, registry: Any) -> str:
     """The packed ``train_gpt.py`` of ``stack``: minified code (cached) with its data tables, compressed."""
-    return wrap(splice(_minified_code(stack, registry), minify_data(data_lines(stack))))
+    return wrap(splice(_minified_code(stack, registry), data_lines(stack, compact=True)))
 
 
 def code_bytes(stack: Any, registry: Any) -> int:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from ..errors import ConfigError
 
 BUNDLED_PREFIXES = ("pgolf_core", "pgolf")
@@ -586,12 +588,26 @@ def _env_rows(cls: type, where: str, key: Any) -> list[list[Any]]:
 
 def stack_data(stack: Any) -> dict[str, Any]:
     """The resolved stack as plain data, what ``pgolf_core.standalone.Stack`` reads."""
-    data: dict[str, Any] = {"path": Path(stack.path).stem, "meta": {"name": stack.meta.name}}
+    data: dict[str, Any] = {"path": "train_gpt.py", "meta": {"name": stack.meta.name}}  # errors name the script
     for table in CORE_TABLES:
         data[table] = _fields(getattr(stack, table))
+    data["data"].update(_local_sample_paths(stack.data))
     data["slots"] = {slot: [c.technique, _fields(c.params)] for slot, c in stack.slots.items()}
     data["modifiers"] = [[m.technique, _plain(m.layers), _fields(m.params)] for m in stack.modifiers]
     return data
+
+
+def _local_sample_paths(data: Any) -> dict[str, str]:
+    """A stack on the built-in sample (``sample:sp1024``) runs its script on this machine's copy of it: the
+    script cannot resolve pgolf's names, so the shards' directory and the tokenizer file are written in."""
+    from ..sample import is_sample, sample_dir, tokenizer_path
+
+    out = {}
+    if is_sample(str(data.path)):
+        out["path"] = str(sample_dir(str(data.path)))
+    if is_sample(str(data.tokenizer)):
+        out["tokenizer"] = tokenizer_path(str(data.tokenizer))
+    return out
 
 
 def env_table(stack: Any) -> list[list[Any]]:
@@ -619,9 +635,13 @@ def code_key(stack: Any) -> list[tuple[str, str]]:
     return _used(stack)
 
 
-def data_lines(stack: Any) -> str:
+def data_lines(stack: Any, compact: bool = False) -> str:
     """The stack's values as the script's ``STACK`` and ``ENV`` tables: the only part that changes when a
-    stack changes a number, a path or a seed."""
+    stack changes a number, a path or a seed (``compact``: written without spaces, for the packed script)."""
+    if compact:
+        from .pack import literal
+
+        return f"STACK={literal(stack_data(stack))}\nENV={literal(env_table(stack))}\n"
     return f"STACK = {stack_data(stack)!r}\nENV = {env_table(stack)!r}\n"
 
 
@@ -671,8 +691,9 @@ def script_code(stack: Any, registry: Any) -> str:
                 node.name = names[(module, stmt.name)]
             body.append(ast.unparse(node))
     for (module, name), cls in closure.params_classes.items():
-        defaults = _fields_defaults(getattr(importlib.import_module(module), name))
-        body.append(f"{names[(module, name)]} = {names[FACTORY]}({defaults!r})")
+        cls_object = getattr(importlib.import_module(module), name)
+        fields = [a.name for a in attrs.fields(cls_object) if a.init]
+        body.append(f"{names[(module, name)]} = {names[FACTORY]}({fields!r}, {_fields_defaults(cls_object)!r})")
 
     def expr(module: str, node: ast.expr) -> str:
         return ast.unparse(_Rename(closure, module, names).visit(_copy(node)))
@@ -693,12 +714,23 @@ def script_code(stack: Any, registry: Any) -> str:
 
 
 def _fields_defaults(cls: type) -> dict[str, Any]:
-    import attrs
-
     return {a.name: _plain(a.default) for a in attrs.fields(cls) if a.default is not attrs.NOTHING}
 
 
-def _copy(node: ast.AST) -> ast.AST:
-    import copy
-
-    return copy.deepcopy(node)
+def _copy(node: Any) -> Any:
+    """A copy of an AST through its fields and positions only. Not ``copy.deepcopy``: CPython shares one
+    ``ast.Load()``/``ast.Store()`` instance among all trees, and a tool that annotates nodes (python-minifier
+    gives each a parent and a namespace) leaves those singletons pointing at its whole tree, which deepcopy
+    would then copy for every name (minutes per stack)."""
+    if isinstance(node, ast.AST):
+        new = type(node)()
+        for name in node._fields:
+            if hasattr(node, name):
+                setattr(new, name, _copy(getattr(node, name)))
+        for name in node._attributes:
+            if hasattr(node, name):
+                setattr(new, name, getattr(node, name))
+        return new
+    if isinstance(node, list):
+        return [_copy(item) for item in node]
+    return node

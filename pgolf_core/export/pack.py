@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import lzma
+import math
 
 WRAPPER = 'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("{payload}"),format=L.FORMAT_RAW,filters=[{{"id":L.FILTER_LZMA2}}]))\n'
 FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
@@ -33,11 +34,20 @@ def minify(source: str) -> str:
     )
 
 
-def minify_data(source: str) -> str:
-    """Literal assignments minified without renaming their names (the code reads them by name)."""
-    import python_minifier
-
-    return python_minifier.minify(source, rename_globals=False, hoist_literals=False, remove_literal_statements=True)
+def literal(value: object) -> str:
+    """``value`` (dicts, lists, tuples, strings, numbers, booleans, None) as the shortest Python literal this
+    writes by hand: no spaces. The minifier would do the same but takes minutes on a stack's large tables."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{literal(k)}:{literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(literal(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        return "(" + ",".join(literal(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float({str(value)!r})"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise TypeError(f"export: {type(value).__name__} is not a literal the script can hold")
 
 
 def pack(source: str) -> str:

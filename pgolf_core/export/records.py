@@ -115,6 +115,10 @@ def write_records(dest: Path, stack: Any, registry: Any, *, packed: bool = True,
         raise ConfigError(f"-o {dest}: is a file, not a folder; choose a folder path (the records folder is created there)")
     if dest.exists() and any(dest.iterdir()) and not force:
         raise ConfigError(f"-o {dest}: exists and is not empty; choose another folder or pass --force to replace it")
+    from ..sample import build_sample, is_sample
+
+    if is_sample(str(stack.data.path)):
+        build_sample(str(stack.data.path))  # the script reads the shards the stack data names
     source = script_source(stack, registry)
     script = packed_script(stack, registry) if packed else source
     code = len(script.encode("utf-8"))

@@ -67,14 +67,21 @@ def documents() -> list[str]:
     return [d.strip() for d in text.split("<|doc|>") if d.strip()]
 
 
+def sample_dir(value: str) -> Path:
+    """Where the sample's shards are (or will be) built: named by the corpus and tokenizer they come from."""
+    name = sample_name(value)
+    digest = hashlib.sha256((HERE / "corpus.txt").read_bytes() + SAMPLES[name].read_bytes()).hexdigest()[:12]
+    return cache_root() / f"sample_{name}_{digest}"
+
+
 def build_sample(value: str) -> Path:
     """Return the directory of the sample's shards, building them on first use."""
     import sentencepiece as spm
 
     name = sample_name(value)
     model = SAMPLES[name]
-    digest = hashlib.sha256((HERE / "corpus.txt").read_bytes() + model.read_bytes()).hexdigest()[:12]
-    out = cache_root() / f"sample_{name}_{digest}"
+    out = sample_dir(value)
+    digest = out.name.rsplit("_", 1)[1]
     if (out / "COMPLETE").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)

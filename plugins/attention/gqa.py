@@ -4,6 +4,13 @@ From the official baseline ``train_gpt.py`` (openai/parameter-golf): q, k, v pro
 ``num_kv_heads`` heads), RMSNorm on q and k, rotary embedding, ``q *= q_gain``, SDPA with causal mask and
 ``enable_gqa``, zero-initialised output projection.
 
+The kernel: when ``flash_attn_interface`` imports (FlashAttention-3), attention calls its ``flash_attn_func``
+as the records from #315 on do (``flash_attn_3_func(q, k, v, causal=True)``): q, k, v in (B, T, H, D) and
+(B, T, Hkv, D) layout, the KV heads as they are (FA3 maps query head h to KV head h // (H/Hkv), as SDPA's
+``enable_gqa`` does), in the activations' bf16; the output comes back in (B, T, H, D). Its kernels are CUDA-only
+and half precision, so anywhere else (CPU, fp32) the SDPA path runs. The math is the same; only the kernel
+changes, which is why a run on a machine with FA3 matches the records' step times and numerics, not SDPA's.
+
 Sites (each module receives the previous one's output first; see ``pgolf_core.model.sites``):
 
 * ``qkv``: the projections' outputs before the heads split (value embeddings add to v, Canon B convolves);
@@ -17,6 +24,8 @@ positions only: self-generated calibration samples with it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 import torch
 import torch.nn.functional as F
@@ -28,6 +37,23 @@ from pgolf_core.model.layers import CastedLinear, Rotary, zero_init
 from pgolf_core.model.roles import control
 from pgolf_core.model.sites import NO_SITES, SiteBuilder
 from pgolf_core.registry import Technique
+
+
+FLASH_ATTN_3_RUNS_ON: dict[str, tuple[torch.dtype, ...]] = {"cuda": (torch.bfloat16, torch.float16)}
+"""Device type -> the dtypes FlashAttention-3 takes there: its kernels are CUDA (Hopper) and half precision.
+Tensors elsewhere take the SDPA path. Tests add a CPU entry to drive the FA3 call through a stand-in."""
+
+
+def flash_attn_3() -> Callable[..., Tensor] | None:
+    """FlashAttention-3's ``flash_attn_func`` when ``flash_attn_interface`` imports, else ``None``.
+
+    Looked up when an attention module is built (not at import), so the kernel follows the environment a model
+    is built in; the records do the same lookup once at the top of their script."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -66,6 +92,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = sites.site("qkv", self)
         self.heads_out = sites.site("heads_out", self)
         self.out = sites.site("out", self)
+        self._flash_attn = flash_attn_3()
 
     def forward(self, x: Tensor, aux: dict[str, Tensor] | None = None) -> Tensor:
         bsz, seqlen, dim = x.shape
@@ -84,16 +111,35 @@ class CausalSelfAttention(nn.Module):
             q = self.rotary.apply(q, cos, sin)
             k = self.rotary.apply(k, cos, sin)
             q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None, is_causal=True, enable_gqa=(self.num_kv_heads != self.num_heads)
-            )
-        y = y.transpose(1, 2)  # (B, T, H, D)
+            y = self._attend(q, k, v)
         if self.heads_out is not None:
             y = self.heads_out(y, v.transpose(1, 2), x, aux)
         y = self.proj(y.contiguous().reshape(bsz, seqlen, dim))
         if self.out is not None:
             y = self.out(y, x, aux)
         return y
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention of (B, H, T, D) queries over (B, Hkv, S, D) keys and values -> (B, T, H, D).
+
+        With S > T (a KV cache) the queries are the last T positions: FA3's causal mask is aligned to the bottom
+        right, so query i sees keys up to S - T + i. Which kernel runs is decided when the graph is traced (device,
+        dtype and the module's lookup are static), so a compiled forward holds one call and no branch."""
+        flash = self._flash_attn
+        if flash is not None and q.dtype in FLASH_ATTN_3_RUNS_ON.get(q.device.type, ()) and k.dtype == q.dtype and v.dtype == q.dtype:
+            # The records' call and layout; transposed views (unit stride in D, which is what FA3 needs).
+            y = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            return y[0] if isinstance(y, tuple) else y  # FA3 betas returned (out, softmax_lse)
+        gqa = self.num_kv_heads != self.num_heads
+        if k.size(2) == q.size(2):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=True, enable_gqa=gqa)
+        else:
+            total, new = k.size(2), q.size(2)
+            mask = None
+            if new > 1:  # the new positions see the cache and, causally, each other
+                mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(diagonal=total - new)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return y.transpose(1, 2)
 
     def _attend_cached(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Incremental decoding: append the new (pre-RoPE) keys and values, rotate every key with the tables of
@@ -108,10 +154,7 @@ class CausalSelfAttention(nn.Module):
         q = self.rotary.apply(q, cos[:, :, total - new :], sin[:, :, total - new :])
         k = self.rotary.apply(k, cos, sin)
         q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
-        mask = None
-        if new > 1:  # the new positions see the cache and, causally, each other
-            mask = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(diagonal=total - new)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=(self.num_kv_heads != self.num_heads))
+        return self._attend(q, k, v)
 
 
 def build(params: GQAParams, ctx) -> CausalSelfAttention:

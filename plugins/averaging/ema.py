@@ -75,6 +75,12 @@ class EMA:
         self.shadow_count = state.get("shadow_count", 0)
 
 
+def _select_env(params: EMAParams) -> dict[str, str]:
+    """EMA on (#315, PR #400 read EMA_ENABLED); SWA_ENABLED on only for the shadow SWA: the #1019/#1392/#1319
+    scripts sum under it (and always apply EMA), the #315-line ones ignore SWA while EMA is on."""
+    return {"EMA_ENABLED": "1", "SWA_ENABLED": "1" if params.shadow_swa_every else "0", "TIGHT_SWA": "0"}
+
+
 @hookimpl
 def pgolf_register_techniques(register) -> None:
     register(
@@ -86,5 +92,6 @@ def pgolf_register_techniques(register) -> None:
             summary="exponential moving average of the weights (fp32), exported instead of the final weights",
             source="https://github.com/openai/parameter-golf/pull/315",
             example='[averaging]\nuse = "ema"\ndecay = 0.997',
+            select_env=_select_env,
         )
     )

@@ -39,5 +39,7 @@ def pgolf_register_techniques(register) -> None:
             summary="no averaging: export the final weights (official baseline)",
             source="https://github.com/openai/parameter-golf/blob/main/train_gpt.py",
             example='[averaging]\nuse = "none"',
+            # The #315-line scripts average by default (SWA_ENABLED defaults to 1): no averaging is said explicitly.
+            select_env={"EMA_ENABLED": "0", "SWA_ENABLED": "0", "TIGHT_SWA": "0"},
         )
     )

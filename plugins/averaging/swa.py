@@ -96,6 +96,7 @@ def pgolf_register_techniques(register) -> None:
             summary="average snapshots every N steps once the LR multiplier is below start_scale (PR #450)",
             source="https://github.com/openai/parameter-golf/pull/450",
             example='[averaging]\nuse = "swa"\nevery = 50\nstart_scale = 0.2',
+            select_env={"EMA_ENABLED": "0", "SWA_ENABLED": "1", "TIGHT_SWA": "0"},
         )
     )
     register(
@@ -107,5 +108,7 @@ def pgolf_register_techniques(register) -> None:
             summary="SWA with a cap keeping the first N snapshots after the threshold (PR #400 'tight SWA')",
             source="https://github.com/openai/parameter-golf/pull/400",
             example='[averaging]\nuse = "tight_swa"\nevery = 50\nstart_scale = 0.2\nmax_checkpoints = 12',
+            # PR #400's command: EMA_ENABLED=0 SWA_ENABLED=1 TIGHT_SWA=1 (its script defaults to TIGHT_SWA=0).
+            select_env={"EMA_ENABLED": "0", "SWA_ENABLED": "1", "TIGHT_SWA": "1"},
         )
     )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pgolf_core.calibration import ar_generate, collect_hessians, decode_mismatch
-from pgolf_core.cli.common import add_stack_args, load_stack_and_registry
+from pgolf_core.cli.common import add_stack_args, check_output_file, load_stack_and_registry
 from pgolf_core.contracts import loop_handlers
 from pgolf_core.errors import ConfigError
 from pgolf_core.hookspecs import hookimpl
@@ -111,6 +111,7 @@ def dump(result: dict, path: str) -> None:
 
 
 def cmd_bench_gptq(args: argparse.Namespace) -> int:
+    check_output_file("--json", args.json)  # before minutes of generation and GPTQ
     stack, registry = load_stack_and_registry(args)
     modes = [m.strip() for m in args.kv_cache.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("exact", "approximate", "off")]
