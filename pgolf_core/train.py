@@ -235,7 +235,8 @@ class Trainer:
                 loss = self.model(batch.inputs, batch.targets, batch.aux) if batch.aux else self.model(batch.inputs, batch.targets)
             total += loss.detach()
             (loss * (1.0 / grad_accum)).backward()
-        return total / grad_accum
+        total /= grad_accum  # in place, as the reference's train_loss /= grad_accum_steps
+        return total
 
     def train_step(self, step: int, scale: float) -> torch.Tensor:
         self.optimizers.zero_grad()
