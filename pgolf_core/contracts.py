@@ -359,7 +359,7 @@ SLOT_CONTRACTS: dict[str, SlotContract] = {
 }
 
 CAPABILITIES: dict[str, Any] = {
-    p.__name__: p for p in (Attaching, Stateful, Calibrating, Fitting, FinalEvalAware, SequentialView, AuxProvider)
+    p.__name__: p for p in (Attaching, Stateful, Calibrating, ReservesTrainTime, BudgetAware, Fitting, FinalEvalAware, SequentialView, AuxProvider)
 }
 
 
