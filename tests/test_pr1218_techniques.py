@@ -161,3 +161,45 @@ def test_embed_wd_gives_the_tables_their_own_adamw_decay(registry):
     same = tiny_stack(registry, 'optimizer.adam_wd=0.02')
     opts = build_slot(same, registry, "optimizer")(build_model(same, registry)[0], runtime).optimizers
     assert opts[0].param_groups[0]["weight_decay"] == 0.02
+
+
+def test_pr1218_stack_composes_trains_reserves_and_round_trips(registry, tmp_path):
+    """The whole stack at a tiny size on the bundled sp4096 sample: builds, compiles fullgraph, trains 2 steps with a wallclock
+    cap (the GPTQ reserve shortens the loop, the calibration reports against it), quantizes and round-trips."""
+    from conftest import STACKS, tiny_stack
+    from pgolf_core.logparse import parse_log
+    from pgolf_core.model.gpt import build_model
+    from pgolf_core.rundir import RunDir
+    from pgolf_core.runtime import setup_runtime
+    from pgolf_core.train import load_data, run_training
+
+    stack = tiny_stack(
+        registry, 'data.path="sample:sp4096"', 'data.tokenizer="sample:sp4096"', "model.vocab_size=4096", "data.train_batch_tokens=1024",
+        'modifier.value_embedding.layers=[2, 3]', "modifier.value_embedding.dim=16", "modifier.partial_rope.rope_dims=8",
+        "evaluator.eval_seq_len=64", "evaluator.stride=32", "evaluator.batch_seqs=64", "quantizer.calib_train_batches=2",
+        "quantizer.keep_float_max_numel=1024", "averaging.decay=0.5", "run.max_wallclock_seconds=1000.0",
+        "run.run_id='t'", f"run.out_dir='{tmp_path}'", path=STACKS / "pr1218.toml",
+    )
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, _ = build_model(stack, registry)
+    assert model.topology.skip_gates.shape == (2, 64)
+    x = torch.randint(0, 4096, (2, 16))
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    torch.testing.assert_close(compiled(x, x), model(x, x))
+
+    runtime = setup_runtime(stack)
+    rundir = RunDir(str(tmp_path), "t", True, echo=False)
+    rundir.open()
+    summary = run_training(stack, registry, runtime, rundir, load_data(stack, runtime.device, registry))
+    rundir.finish()
+    text = (tmp_path / "t" / "log.txt").read_text()
+    assert "clock:reserving 10s of the training clock for post-training work, effective=990000ms" in text
+    assert "gptq:collecting hessians from 2 training batches (inside the 10 s reserved from the training clock)" in text
+    assert "the 10000ms reserved from the training clock)" in text
+    assert sorted(parse_log(text)["train_loss"]) == [1, 2]
+    assert summary["compliant"] and set(summary["final"]) == {"final_int6_roundtrip", "final_int6_sliding_window"}
+    blob = (tmp_path / "t" / "final_model.int6.ptz").read_bytes()
+    import brotli
+
+    assert brotli.decompress(blob)[:5] == b"BSHF\x02"
