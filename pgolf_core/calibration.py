@@ -32,6 +32,10 @@ SOURCES: dict[str, Compliance] = {
         "calibration data", True, "sequences the trained model generates itself; no training or validation data read (PR #1019's precedent)"
     ),
     "train_after_clock": Compliance("calibration data", False, "training batches read after the training clock stopped"),
+    "train_in_reserve": Compliance(
+        "calibration data", True,
+        "training batches read inside the seconds reserved from the training clock, so within the 600 s of training (PR #1060/#1218)",
+    ),
     "no_data": Compliance("calibration data", True, "no calibration data"),
 }
 """The calibration sources and the rules' verdict on each (a quantizer reports the one it used)."""

@@ -253,6 +253,36 @@ class Calibrating(Protocol):
 
 
 @runtime_checkable
+class ReservesTrainTime(Protocol):
+    """A built object whose post-training work must count as training time (calibration on training data has
+    to happen inside the wallclock cap): ``train_time_reserve_s`` seconds are taken off ``run.max_wallclock_seconds``
+    for the loop, so that work runs in the reserved slice. No effect without a wallclock cap."""
+
+    train_time_reserve_s: float
+
+
+@runtime_checkable
+class BudgetAware(Protocol):
+    """``set_train_budget(budget_ms)``: told the training loop's effective wallclock budget (the cap less every
+    reserve, ``None`` without a cap) before training starts; a schedule that runs on the fraction of that
+    budget reads it here."""
+
+    def set_train_budget(self, budget_ms: float | None) -> None: ...
+
+
+def train_time_reserve(objects: Sequence[Any]) -> float:
+    """The seconds the built objects reserve from the training clock, together."""
+    return float(sum(max(float(o.train_time_reserve_s), 0.0) for o in objects if isinstance(o, ReservesTrainTime)))
+
+
+def train_budget_ms(max_wallclock_seconds: float, reserve_s: float) -> float | None:
+    """The loop's wallclock budget in ms: the cap less the reserve, ``None`` without a cap."""
+    if max_wallclock_seconds <= 0:
+        return None
+    return 1000.0 * (max_wallclock_seconds - reserve_s)
+
+
+@runtime_checkable
 class Fitting(Protocol):
     """``fit(obj, measure) -> obj``: shrink a quantized object until ``measure(obj)`` (code + compressed bytes)
     meets a target (selective pruning)."""
@@ -329,7 +359,7 @@ SLOT_CONTRACTS: dict[str, SlotContract] = {
 }
 
 CAPABILITIES: dict[str, Any] = {
-    p.__name__: p for p in (Attaching, Stateful, Calibrating, Fitting, FinalEvalAware, SequentialView, AuxProvider)
+    p.__name__: p for p in (Attaching, Stateful, Calibrating, ReservesTrainTime, BudgetAware, Fitting, FinalEvalAware, SequentialView, AuxProvider)
 }
 
 

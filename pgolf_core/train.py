@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from . import __version__
 from .config.dump import stack_to_toml
 from .config.schema import Stack
-from .contracts import LOOP_EVENTS, Stateful, loop_handlers
+from .contracts import LOOP_EVENTS, BudgetAware, Stateful, loop_handlers, train_budget_ms, train_time_reserve
 from .finalize import export_and_evaluate, write_results
 from .data import TRAIN_PATTERN, VAL_PATTERN, load_shard, load_validation_tokens, read_shard_header, shard_files
 from .errors import NonFiniteError, PgolfError
@@ -206,6 +206,12 @@ class Trainer:
         self.loader = self.new_loader()
         self.state = TrainState(stack, runtime, self.base_model, self.optimizers, log, iterations=args.iterations)
         objects = [self.schedule, self.averaging, self.quantizer, self.compressor, self.evaluator, *modifier_objects]
+        # Post-training work that must count as training time (calibration on training data) shortens the loop.
+        self.reserve_s = train_time_reserve(objects)
+        self.budget_ms = train_budget_ms(args.max_wallclock_seconds, self.reserve_s)
+        for obj in objects:
+            if isinstance(obj, BudgetAware):
+                obj.set_train_budget(self.budget_ms)
         self.events = Events(objects, registry.hooks)
         self.stateful = [o for o in objects if isinstance(o, Stateful)]
         self.n_params = count_parameters(self.base_model)
@@ -400,7 +406,9 @@ class Trainer:
     def train(self) -> tuple[int, float]:
         """The main loop (wallclock cap, periodic validation, events); returns (steps, training ms)."""
         args, rt, log, state, events = self.stack.run, self.runtime, self.log, self.state, self.events
-        max_wallclock_ms = 1000.0 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else None
+        max_wallclock_ms = self.budget_ms
+        if max_wallclock_ms is not None and self.reserve_s > 0:
+            log(f"clock:reserving {self.reserve_s:.0f}s of the training clock for post-training work, effective={max_wallclock_ms:.0f}ms")
         loop = self.loop
         stop_after_step, training_time_ms, step = loop.stop_after_step, loop.training_time_ms, loop.step
         events.fire("on_train_start", state)

@@ -70,6 +70,7 @@ def legacy_env(case: dict, data: Path, tokenizer: Path) -> dict[str, str]:
 REFERENCE_CONTROL_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain", "skip_weight", "skip_weights",
     "smear", "bigram.scale", "xsa_gate", "ve_layer_scales", "ve_shared.scale",
+    "skip_gates",  # the #1218 record's addition (sigmoid-gated U-Net skips)
 )
 """The reference scripts' ``CONTROL_TENSOR_NAME_PATTERNS`` (the #315/#450 line's list): tests of quantizers give
 their hand-made state dicts the roles these names had there."""

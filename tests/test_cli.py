@@ -14,7 +14,7 @@ def test_list_groups_techniques_by_slot_with_distribution(tmp_path):
     out = proc.stdout
     assert "optimizer:\n  muon" in out and "pgolf 0.1.0" in out
     data = json.loads(run_cli(["list", "--json", "--slot", "compressor"], tmp_path).stdout)
-    assert {t["name"] for t in data["techniques"]} == {"zlib", "zstd", "brotli", "lzma"}
+    assert {t["name"] for t in data["techniques"]} == {"zlib", "zstd", "brotli", "lzma", "byte_shuffle"}
     assert all(t["distribution"] == "pgolf" for t in data["techniques"])
 
 

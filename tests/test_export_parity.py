@@ -17,6 +17,7 @@ from test_parity_stacks import QAT_SWITCH, TRAIN_TOL, TRAIN_TOL_AFTER_QAT, VAL_T
 CASES = [
     ("baseline", "tiny_a_1proc"), ("baseline", "tiny_a_2proc"), ("pr315", "pr315_tiny_a"), ("pr400", "pr400_tiny_a"),
     ("pr450", "pr450_tiny_a"), ("pr1019", "pr1019_tiny_a"), ("pr1392", "pr1392_tiny_a"), ("pr1319", "pr1319_tiny_a"),
+    ("pr1218", "pr1218_tiny_2proc"),
 ]
 
 

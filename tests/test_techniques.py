@@ -199,6 +199,10 @@ def test_muon_adam_grouping_lrs_and_momentum_warmup(registry):
     class RT:
         compile = False
 
+        @staticmethod
+        def compiled(fn, **kwargs):
+            return fn
+
     opts = build_muon(params, ctx())(model, RT())
     tok, muon, scalar = opts.optimizers
     assert tok.param_groups[0]["params"] == [model.token_embedding()] and tok.param_groups[0]["lr"] == 0.05

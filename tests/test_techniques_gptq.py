@@ -540,7 +540,7 @@ def test_train_calibration_is_marked_non_compliant():
     quant = GPTQ(GPTQParams(calibration="train", calib_train_batches=3))
     quant.calibrate(_ctx(model, stack, logs))
     assert len(quant.hessians) == 24
-    assert logs[-1] == "gptq:collected hessians for 24 layers (train data)"
+    assert logs[-1].startswith("gptq:collected hessians for 24 layers (train data) in ")
     (c,) = quant.compliance
     assert not c.ok and "after the training clock" in c.reason
     none = GPTQ(GPTQParams(calibration="none"))

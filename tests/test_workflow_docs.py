@@ -55,7 +55,7 @@ def test_guide_documents_every_hook_and_slot():
 def test_guide_lists_every_site_and_part_of_the_built_in_hosts(builtins):
     hosts = [h for h in (hooks_doc.host_interface(builtins, r) for r in builtins.all()) if h is not None and (h.sites or h.parts)]
     assert {h.slot for h in hosts} == {"embedding", "attention", "mlp", "residual", "topology"}
-    rows = [line for line in GUIDE.splitlines() if line.startswith(("| `token`", "| `gqa`", "| `relu2`", "| `resid_mix`", "| `unet`"))]
+    rows = [line for line in GUIDE.splitlines() if line.startswith(("| `token`", "| `gqa`", "| `relu2`", "| `resid_mix`", "| `unet`", "| `gated_unet`"))]
     expected = []
     for h in hosts:
         expected += [f"| `{h.technique}` ({h.slot}) | `{s}` | `{sig}` | `{h.site_path(s)}` |" for s, sig in h.sites.items()]

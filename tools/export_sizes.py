@@ -28,6 +28,7 @@ REFERENCES = {
     "pr1019": (20_268, 15_883_000, "~15,883,000: 15,984,850 max total less its code"),
     "pr1392": (27_454, 15_799_271, "its Serialized model line"),
     "pr1319": (None, 15_611_244, "15,690,779 total − 79,535 code (its Code size line)"),
+    "pr1218": (None, 15_859_576, "largest seed (2025): 15,927,782 total − 68,206 code"),
 }
 BEGIN, END = "<!-- export-sizes:begin -->", "<!-- export-sizes:end -->"
 

@@ -43,15 +43,26 @@ class SlidingWindowParams:
     batch_seqs: int = param(32, help="windows per forward pass", env="EVAL_BATCH_SEQS", validator=positive)
     roundtrip_label: str = param("final_{quant}_roundtrip", help="name of the non-overlapping round-trip line")
     label: str = param("final_{quant}_sliding_window", help="name of the sliding-window line (the submission score)")
+    score_once: bool = param(
+        False,
+        help="the #1218 record's corrected windows: start only while ws + eval_seq_len - stride < total, score positions "
+        "[eval_seq_len - stride, wlen) of each later window, so every token is scored once (False: the #315 line's windows, re-scoring the tail)",
+    )
 
 
-def window_starts(total_tokens: int, seq_len: int, stride: int) -> list[int]:
+def window_starts(total_tokens: int, seq_len: int, stride: int, score_once: bool = False) -> list[int]:
+    if score_once:  # PR #1218's fix: no window starts whose scored span would lie past the end
+        return [ws for ws in range(0, total_tokens, stride) if ws + seq_len - stride < total_tokens]
     return [ws for ws in range(0, total_tokens, stride) if min(ws + seq_len, total_tokens) - ws >= 1]
 
 
-def scored_offset(ws: int, wlen: int, stride: int) -> int:
-    """First scored position of the window starting at ``ws``: 0 for the first window, else its last ``stride``."""
-    return 0 if ws == 0 else max(wlen - stride, 0)
+def scored_offset(ws: int, wlen: int, stride: int, seq_len: int = 0) -> int:
+    """First scored position of the window starting at ``ws``: 0 for the first window, else its last ``stride``
+    (with ``seq_len``, the #1218 rule: ``seq_len - stride`` whatever the window's length, so a clipped last
+    window scores only the tokens no earlier window scored)."""
+    if ws == 0:
+        return 0
+    return seq_len - stride if seq_len else max(wlen - stride, 0)
 
 
 def rank_share(items: list, rank: int, world_size: int) -> list:
@@ -104,12 +115,13 @@ class ScoreTotals:
         return val_loss, val_loss / math.log(2.0) * (self.token_count.item() / self.byte_count.item())
 
 
-def eval_sliding(base_model, env, seq_len: int, stride: int, batch_seqs: int, record=None) -> tuple[float, float]:
+def eval_sliding(base_model, env, seq_len: int, stride: int, batch_seqs: int, record=None, score_once: bool = False) -> tuple[float, float]:
     val = env.val
     tokens = val.tokens
     device = env.device
     total = tokens.numel() - 1
-    mine = rank_share(window_starts(total, seq_len, stride), env.rank, env.world_size)
+    mine = rank_share(window_starts(total, seq_len, stride, score_once), env.rank, env.world_size)
+    once_len = seq_len if score_once else 0
     totals = ScoreTotals(device, record)
     logits_fn = env.compiled(base_model.logits)
     was_training = base_model.training
@@ -123,7 +135,7 @@ def eval_sliding(base_model, env, seq_len: int, stride: int, batch_seqs: int, re
                 logits = logits_fn(x)
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="none").reshape(bsz, seq_len)
             for i, ws in enumerate(batch):
-                totals.add(val, nll[i], x[i], y[i], ws, scored_offset(ws, wlens[i], stride), wlens[i])
+                totals.add(val, nll[i], x[i], y[i], ws, scored_offset(ws, wlens[i], stride, once_len), wlens[i])
     totals.all_reduce()
     base_model.train(was_training)
     return totals.result()
@@ -151,7 +163,7 @@ class SlidingWindow:
         results.append(FinalResult(p.roundtrip_label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0)))
         if p.stride < self.eval_seq_len:
             t0 = time.perf_counter()
-            loss, bpb = eval_sliding(env.base_model, env, self.eval_seq_len, p.stride, p.batch_seqs)
+            loss, bpb = eval_sliding(env.base_model, env, self.eval_seq_len, p.stride, p.batch_seqs, score_once=p.score_once)
             results.append(FinalResult(p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), f"stride:{p.stride}"))
         return results
 

@@ -11,6 +11,10 @@ Decoupled weight decay (the #315 line of records, PRs #400/#450): Muon applies `
 before each update, and the token/scalar groups become AdamW with ``adam_wd``. Parameters outside the
 blocks are grouped as those records do: embedding tables (BigramHash, value embeddings) with the token
 embedding, other 2-D weights to Muon, the rest with the scalars.
+
+Separate embedding weight decay (the #1218 record, ``EMBED_WD``): the tables' AdamW takes ``embed_wd`` instead of
+``adam_wd`` (#1218: 0.085 on the tables, 0.02 on the scalars, 0.085 in Muon), since the tables' RMS, like the
+matrices', sets how well they compress while the scalars need no shrinking. ``embed_wd = -1`` keeps one decay.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.roles import is_control, is_frozen
 from pgolf_core.optim import OptimizerSet
 from pgolf_core.registry import Technique
+
+
+def _embed_wd_valid(instance, attribute, value) -> None:
+    if value < 0 and value != -1:
+        raise ValueError(f"{attribute.name} must be >= 0, or -1 for adam_wd; got {value!r}")
 
 
 @attrs.define(frozen=True, kw_only=True)
@@ -44,12 +53,21 @@ class MuonParams:
     grad_clip_norm: float = param(0.0, help="global grad-norm clip; 0 disables", env="GRAD_CLIP_NORM", validator=non_negative)
     weight_decay: float = param(0.0, help="Muon decoupled weight decay (scaled by the scheduled lr)", env=("MUON_WD", "MUON_WEIGHT_DECAY"), validator=non_negative)
     adam_wd: float = param(0.0, help="AdamW weight decay of the token and scalar groups; 0 keeps plain Adam", env=("ADAM_WD", "ADAM_WEIGHT_DECAY"), validator=non_negative)
+    embed_wd: float = param(-1.0, help="AdamW weight decay of the embedding tables (token, value and bigram tables) alone; -1 = adam_wd (PR #1218: 0.085)", env="EMBED_WD", validator=_embed_wd_valid)
     row_equilibrate: str = param(
         "off",
         help="MuonEq-R: divide each row of the momentum update by its L2 norm before Newton-Schulz; "
         "'fp32' = PR #1319 (norm in fp32, floor 1e-7), 'bf16' = PR #1392 (rsqrt of sum of squares + 1e-7 in the update dtype)",
         validator=one_of("off", "fp32", "bf16"),
     )
+
+
+def adam_for(weight_decay: float, params: MuonParams):
+    """``(class, kwargs)``: AdamW with ``weight_decay`` when it is positive, else plain Adam (fused, as the references)."""
+    kwargs = dict(betas=(params.beta1, params.beta2), eps=params.adam_eps, fused=True)
+    if weight_decay > 0:
+        return torch.optim.AdamW, {**kwargs, "weight_decay": weight_decay}
+    return torch.optim.Adam, kwargs
 
 
 def equilibrate_rows(update: Tensor, mode: str) -> Tensor:
@@ -163,12 +181,10 @@ def build(params: MuonParams, ctx):
                 matrix.append(p)
             else:
                 scalar.append(p)
-        adam_cls = torch.optim.AdamW if params.adam_wd > 0 else torch.optim.Adam
-        adam = dict(betas=(params.beta1, params.beta2), eps=params.adam_eps, fused=True)
-        if params.adam_wd > 0:
-            adam["weight_decay"] = params.adam_wd
+        adam_cls, adam = adam_for(params.adam_wd, params)
+        tok_cls, tok_adam = adam_for(params.adam_wd if params.embed_wd == -1 else params.embed_wd, params)
         token_lr = params.tied_embed_lr if tied else params.embed_lr
-        opt_tok = adam_cls([{"params": [t], "lr": token_lr} for t in tables], **adam)
+        opt_tok = tok_cls([{"params": [t], "lr": token_lr} for t in tables], **tok_adam)
         zeropower = runtime.compiled(zeropower_via_newtonschulz5)  # compiled in the baseline and every #315-line script
         opt_muon = Muon(
             matrix, lr=params.matrix_lr, momentum=params.momentum, backend_steps=params.backend_steps,

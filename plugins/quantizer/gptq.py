@@ -31,8 +31,11 @@ The pipeline, in the order the references run it:
      one sequence per forward), and the log has #1319's two lines (``gptq:calibrating batches=N``,
      ``gptq:done layers=K time=Tms``) instead of #1019's four.
 
-   ``calibration = "train"`` reads ``calib_train_batches`` training batches instead: after the clock that is
-   not allowed (``compliance``), so it is only an explicit, non-compliant choice. ``"none"`` skips calibration
+   ``calibration = "train"`` reads ``calib_train_batches`` training batches of a fresh training loader instead
+   (the first batches the training saw, as the references' fresh loader). After the clock that is not allowed;
+   with ``reserve_seconds > 0`` (``GPTQ_RESERVE_SECONDS``, #1060/#1218: 10 s) the training loop stops that much
+   before the wallclock cap and the Hessians are collected in the reserved slice, which is allowed
+   (``compliance``; the run logs the calibration's time against the reserve). ``"none"`` skips calibration
    (every int6 tensor then takes the percentile search, as without Hessians).
 
 2. **Hessians**: forward hooks on every ``CastedLinear`` add ``XᵀX`` (X = the layer input, flattened, cast to
@@ -115,7 +118,8 @@ class GPTQParams:
     )
     calib_seqs: int = param(64, help="self-generated calibration sequences (PR #1392 reads GPTQ_CALIB_BATCHES; #1019/#1319 hard-code 64, and #1319's GPTQ_CALIB_BATCHES only switches calibration on; AR_CALIB_NUM_SEQS, the knob #1319's tiny parity run adds, wins over it)", env=("GPTQ_CALIB_BATCHES", "AR_CALIB_NUM_SEQS"), validator=positive, toy="seqs")
     calib_seq_len: int = param(0, help="tokens per self-generated sequence; 0 = data.train_seq_len (#1319 hard-codes 2048)", unit="tokens", env="AR_CALIB_SEQ_LEN", validator=non_negative)
-    calib_train_batches: int = param(256, help="training batches read when calibration = 'train' (the references' unused collect_hessians default)", validator=positive)
+    calib_train_batches: int = param(256, help="training batches read when calibration = 'train' (the references' unused collect_hessians default; #1218: 64)", env="GPTQ_CALIBRATION_BATCHES", validator=positive, toy="seqs")
+    reserve_seconds: float = param(0.0, help="seconds taken off the training wallclock for calibration on training data, which then counts as training (PR #1060/#1218: 10); no effect without a cap", unit="seconds", env="GPTQ_RESERVE_SECONDS", validator=non_negative)
     temperature: float = param(0.8, help="sampling temperature of the self-generated sequences", validator=positive)
     gen_batch: int = param(8, help="sequences generated together (PR #1019/#1392: 8, #1319: 4)", validator=positive)
     gen_rng: str = param(
@@ -307,9 +311,20 @@ class GPTQ:
         return {15: "int5", 31: "int6", 63: "int7"}.get(cr, f"int_cr{cr}")
 
     @property
+    def train_time_reserve_s(self) -> float:
+        """Seconds the training loop leaves for this calibration (``pgolf_core.contracts.ReservesTrainTime``)."""
+        return self.params.reserve_seconds
+
+    @property
     def compliance(self) -> list[Compliance]:
-        source = {"train": SOURCES["train_after_clock"], "none": SOURCES["no_data"]}.get(self.params.calibration, SOURCES["self_generated"])
-        extra = {"train": " (calibration = 'train')", "none": ": no Hessians, percentile clip search only"}.get(self.params.calibration, "")
+        p = self.params
+        in_reserve = p.calibration == "train" and p.reserve_seconds > 0
+        train = SOURCES["train_in_reserve"] if in_reserve else SOURCES["train_after_clock"]
+        source = {"train": train, "none": SOURCES["no_data"]}.get(p.calibration, SOURCES["self_generated"])
+        extra = {
+            "train": f" ({p.calib_train_batches} batches in a {p.reserve_seconds:g} s reserve)" if in_reserve else " (calibration = 'train', reserve_seconds = 0)",
+            "none": ": no Hessians, percentile clip search only",
+        }.get(p.calibration, "")
         return [Compliance("gptq calibration data", source.ok, source.reason + extra)]
 
     # -- calibration -----------------------------------------------------------------------------------
@@ -325,10 +340,12 @@ class GPTQ:
         fp32 = p.hessian_precision == "fp32"
         try:
             if p.calibration == "train":
-                log(f"gptq:collecting hessians from {p.calib_train_batches} training batches (read after the training clock: not compliant)...")
+                when = f"inside the {p.reserve_seconds:g} s reserved from the training clock" if p.reserve_seconds > 0 else "read after the training clock: not compliant"
+                log(f"gptq:collecting hessians from {p.calib_train_batches} training batches ({when})...")
+                t0 = time.perf_counter()
                 with ctx.runtime.autocast(), self._hessian_view(ctx):
                     self.hessians = collect_hessians(model, ctx.train_batches(p.calib_train_batches), damp=p.collect_damp, fp32=fp32)
-                log(f"gptq:collected hessians for {len(self.hessians)} layers (train data)")
+                log(f"gptq:collected hessians for {len(self.hessians)} layers (train data) in {time.perf_counter() - t0:.1f}s")
                 return
             seq_len = p.calib_seq_len or ctx.train_seq_len
             seed = ctx.seed if p.gen_seed == -1 else p.gen_seed
