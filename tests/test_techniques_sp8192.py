@@ -204,3 +204,170 @@ def test_segment_recurrence_one_phase_switch_and_eval(registry):
     # time-based fraction: elapsed over (cap - reserve)
     timed = SegmentRecurrence(seg.params.__class__(start_frac=0.5, clock_reserve_seconds=12.0), 100, 600.0)
     assert timed.frac(10, 294_000.0) == pytest.approx(0.5)
+
+
+# -- SDClip / Hessian-aware SDClip / tied-embedding GPTQ -------------------------------------------------------------
+def ref_gptq_quantize_weight(w, H, clip_sigmas=3.0, clip_range=63, block_size=128, hessian_clip_lambda=0.0):
+    """#1412's ``gptq_quantize_weight`` (``hessian_clip_lambda = 0`` is #1394's), transcribed."""
+    W_orig = w.float().clone()
+    rows, cols = W_orig.shape
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    damp = 0.01 * H.diag().mean()
+    H.diagonal().add_(damp)
+    perm = torch.argsort(H.diag(), descending=True)
+    invperm = torch.argsort(perm)
+    W_perm = W_orig[:, perm].clone()
+    W_perm[:, dead[perm]] = 0
+    H = H[perm][:, perm]
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    row_std = W_orig.std(dim=1)
+    if hessian_clip_lambda > 0.0:
+        diagH = torch.diag(H[invperm][:, invperm]).clamp_min(1e-8)
+        col_importance = diagH / diagH.mean()
+        row_importance = (W_orig.abs() * col_importance.unsqueeze(0)).mean(dim=1)
+        row_importance = row_importance / row_importance.mean()
+        adj = 1.0 + hessian_clip_lambda * (row_importance - 1.0)
+        s = (clip_sigmas * row_std * adj / clip_range).clamp_min(1e-10).to(torch.float16)
+    else:
+        s = (clip_sigmas * row_std / clip_range).clamp_min(1e-10).to(torch.float16)
+    sf = s.float()
+    Q = torch.zeros(rows, cols, dtype=torch.int8)
+    W_work = W_perm.clone()
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W_block = W_work[:, i1:i2].clone()
+        Hinv_block = Hinv[i1:i2, i1:i2]
+        Err = torch.zeros(rows, i2 - i1)
+        for j in range(i2 - i1):
+            w_col = W_block[:, j]
+            d = Hinv_block[j, j]
+            q_col = torch.clamp(torch.round(w_col / sf), -clip_range, clip_range)
+            Q[:, i1 + j] = q_col.to(torch.int8)
+            err = (w_col - q_col.float() * sf) / d
+            Err[:, j] = err
+            W_block[:, j:] -= err.unsqueeze(1) * Hinv_block[j, j:].unsqueeze(0)
+        if i2 < cols:
+            W_work[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return Q[:, invperm], s
+
+
+def _wh(rows=24, cols=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    x = torch.randn(200, cols, generator=g) * torch.linspace(0.2, 2.0, cols)
+    H = x.T @ x / 4
+    H[5, :] = 0
+    H[:, 5] = 0  # a dead column
+    return w, H
+
+
+def test_sdclip_scale_is_k_row_std_over_clip_range():
+    from pgolf.plugins.quantizer.sdclip import round_at, sdclip_scales
+
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    s = sdclip_scales(w, 12.85, 31)
+    # std([1,2,3,4]) = 1.2909944 (unbiased); 12.85 * 1.2909944 / 31 = 0.5351219 -> fp16 0.53515625
+    assert s.dtype == torch.float16 and s[0].item() == 0.53515625
+    assert s[1].item() == pytest.approx(12.85 * 0.5 / 31, rel=1e-3) and s[2].item() == 0.0  # 1e-10 underflows in fp16
+    q = round_at(w[:2], s[:2], 31)
+    assert q.tolist() == [[2, 4, 6, 7], [0, 0, 0, 5]]  # round(1/0.535)=2, ..., 4/0.535=7.47 -> 7; 1/0.2073=4.82 -> 5
+
+
+@pytest.mark.parametrize("lam, k, bits, block", [(0.0, 12.85, 6, 16), (0.0, 20.0, 8, 128), (0.175, 12.85, 6, 16), (0.3, 3.0, 7, 7)])
+def test_sdclip_gptq_matches_the_records_function(lam, k, bits, block):
+    from pgolf.plugins.quantizer.hessian_sdclip import row_importance_multipliers
+    from pgolf.plugins.quantizer.sdclip import sdclip_gptq
+
+    w, H = _wh()
+    cr = 2 ** (bits - 1) - 1
+    rq, rs = ref_gptq_quantize_weight(w, H, clip_sigmas=k, clip_range=cr, block_size=block, hessian_clip_lambda=lam)
+    mult = row_importance_multipliers(w, H, lam) if lam > 0 else None
+    q, s = sdclip_gptq(w, H, k, cr, block, 0.01, mult)
+    assert torch.equal(s, rs)
+    assert torch.equal(q, rq)
+    assert int(q.abs().max()) <= cr
+
+
+def test_hessian_row_importance_real_numbers():
+    from pgolf.plugins.quantizer.hessian_sdclip import row_importance_multipliers
+
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    H = torch.diag(torch.tensor([3.0, 1.0]))
+    # damped diag: 3 + 0.02, 1 + 0.02 -> col importance 3.02/2.02, 1.02/2.02 = 1.4950495, 0.5049505
+    # row importance: [0.7475248, 0.2524752, 1.0] / mean 0.6666667 = [1.1212871, 0.3787129, 1.5]
+    m = row_importance_multipliers(w, H, 0.175)
+    torch.testing.assert_close(m, torch.tensor([1.0212252, 0.8912748, 1.0875]), rtol=0, atol=1e-6)
+
+
+def _sdclip_stack(registry, quantizer: str, *extra):
+    head = f'[loader]\nuse = "shuffled"\n[quantizer]\nuse = "{quantizer}"\ncalib_batches = 2\nkeep_float_max_numel = 4096\n'
+    body = (
+        '[[modifier]]\nuse = "segment_recurrence"\nloop_start = 1\nloop_end = 2\nnum_loops = 2\nstart_frac = 0.5\n'
+        '[[modifier]]\nuse = "tied_embedding_gptq"\n'
+    )
+    return tiny_stack(registry, "model.num_layers=4", "model.model_dim=64", "model.vocab_size=8192",
+                      "data.train_batch_tokens=1024", "data.val_batch_size=4096",
+                      f'data.path="{FIXTURE_8192}"', f'data.tokenizer="{TOKENIZER_8192}"', *extra,
+                      path=_stack_file(body, head))
+
+
+def test_embedding_hessian_is_the_final_hidden_state(registry):
+    from pgolf_core.calibration import collect_hessians
+
+    stack = _sdclip_stack(registry, "sdclip")
+    torch.manual_seed(0)
+    model, mods = build_model(stack, registry)
+    assert model.hessian_taps == {"embedding.tok_emb.weight": model.final_norm}
+    x = torch.randint(0, 8192, (2, 16))
+    H = collect_hessians(model, [(x, x), (x.flip(0), x)])
+    with torch.no_grad():
+        h = model.hidden(x).reshape(-1, 64)
+    torch.testing.assert_close(H["embedding.tok_emb.weight"], h.T @ h, rtol=1e-5, atol=1e-5)  # (2 forwards, same rows) / 2
+
+
+@pytest.mark.parametrize("quantizer", ["sdclip", "hessian_sdclip"])
+def test_sdclip_stack_calibrates_on_shuffled_batches_quantizes_and_round_trips(registry, quantizer):
+    """The stack's pieces together: shuffled loader batches -> Hessians (blocks' linears and the tied table) ->
+    SDClip GPTQ per category -> artifact -> dequantized weights close to the originals."""
+    from pgolf_core.calibration import CalibrationContext
+    from pgolf_core.model.roles import parameter_roles
+    from pgolf_core.train import build_slot
+    from pgolf_core.runtime import setup_runtime
+
+    stack = _sdclip_stack(registry, quantizer)
+    torch.manual_seed(0)
+    model, mods = build_model(stack, registry)
+    with torch.no_grad():
+        for blk in model.blocks:
+            torch.nn.init.normal_(blk.attn.proj.weight, std=0.05)
+            torch.nn.init.normal_(blk.mlp.proj.weight, std=0.05)
+    next(m for m in mods if isinstance(m, SegmentRecurrence)).schedule.phase = 2
+    quant = build_slot(stack, registry, "quantizer")
+    loader_cls = build_slot(stack, registry, "loader")
+    loader = loader_cls(_train_files(), 0, 1, torch.device("cpu"), 8192)
+
+    def batches(n):
+        for _ in range(n):
+            yield loader.next_batch(1024, 64, 8)
+
+    logs: list[str] = []
+    ctx = CalibrationContext(model, setup_runtime(stack), 0, 64, 8192, logs.append, batches, mods)
+    quant.calibrate(ctx)
+    assert "embedding.tok_emb.weight" in quant.hessians and quant.hessians["embedding.tok_emb.weight"].shape == (64, 64)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    obj, stats = quant.quantize(sd, parameter_roles(model))
+    m = obj["m"]
+    assert m["embedding.tok_emb.weight"] == {"type": "int8", "how": "gptq"}
+    assert m["blocks.0.mlp.fc.weight"] == {"type": "int6", "how": "gptq"}
+    assert m["blocks.0.attn.c_q.weight"] == "passthrough"  # 4096 elements: not above keep_float_max_numel
+    assert stats["num_round"] == 0 and stats["num_gptq"] == 1 + 2 * 4
+    assert int(obj["w"]["blocks.0.mlp.fc.weight.q"].abs().max()) <= 31
+    back = quant.dequantize(obj)
+    # int6 at k = 12.85: step 0.41 std (rounding alone ~0.12 std, GPTQ's error feedback moves weights more);
+    # int8 at k = 20: step 0.157 std
+    for name, bound in (("embedding.tok_emb.weight", 0.1), ("blocks.1.mlp.proj.weight", 0.3)):
+        rel = (back[name] - sd[name]).norm() / sd[name].norm()
+        assert 0 < rel < bound, (name, rel)
