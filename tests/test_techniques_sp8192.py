@@ -371,3 +371,47 @@ def test_sdclip_stack_calibrates_on_shuffled_batches_quantizes_and_round_trips(r
     for name, bound in (("embedding.tok_emb.weight", 0.1), ("blocks.1.mlp.proj.weight", 0.3)):
         rel = (back[name] - sd[name]).norm() / sd[name].norm()
         assert 0 < rel < bound, (name, rel)
+
+
+# -- the references (tests/data/parity/pr1394.json, pr1493.json) against these techniques' switches ---------------
+@pytest.mark.parametrize("pr", ["pr1394", "pr1493"])
+def test_reference_runs_switch_and_route_as_these_techniques_do(pr):
+    import json
+    import re
+
+    from conftest import PARITY
+    from pgolf.plugins.quantizer.sdclip import SDClipGPTQ, SDClipParams
+    from pgolf.plugins.topology.segment_recurrence import SegmentRecurrenceParams
+
+    cases = json.loads((PARITY / f"{pr}.json").read_text())
+    assert sorted(c["nproc"] for c in cases.values()) == [1, 2]
+    for case in cases.values():
+        env = case["env"]
+        for key in ("env", "nproc", "params", "train_loss", "val", "finals", "events", "conditions"):
+            assert key in case
+        n_layers, start, end, loops = (int(env[k]) for k in ("num_layers", "loop_start", "loop_end", "num_loops"))
+        iters = int(env["iterations"])
+        assert sorted(int(s) for s in case["train_loss"]) == list(range(1, iters + 1))
+        # the recurrence switch: step and virtual lists as segment_recurrence computes them
+        start_frac = {"pr1394": 0.5, "pr1493": 0.35}[pr]  # the scripts' ENABLE_LOOPING_AT defaults
+        rec = SegmentRecurrence(SegmentRecurrenceParams(loop_start=start, loop_end=end, num_loops=loops, start_frac=start_frac), iters, 0.0)
+        rec.schedule = SegmentSchedule(n_layers, n_layers // 2, rec.params)
+        logs: list[str] = []
+        state = type("S", (), {})()
+        state.log, state.train_time_ms = logs.append, 0.0
+        for step in range(iters):
+            state.step = step
+            rec.on_step_start(state)
+        event = next(e for e in case["events"] if e.startswith("layer_loop:enabled"))
+        assert logs == [event]
+        # SDClip routing: the record's "Quantized weights:" categories
+        d, mlp = int(env["model_dim"]), int(float(env["mlp_mult"]) * int(env["model_dim"]))
+        kv = d // int(env["num_heads"]) * int(env["num_kv_heads"])
+        sd = {"embedding.tok_emb.weight": torch.randn(8192, d), "blocks.0.mlp.fc.weight": torch.randn(mlp, d), "blocks.0.mlp.proj.weight": torch.randn(d, mlp),
+              "blocks.0.attn.c_q.weight": torch.randn(d, d), "blocks.0.attn.c_k.weight": torch.randn(kv, d), "blocks.0.attn.proj.weight": torch.randn(d, d)}
+        obj, _ = SDClipGPTQ(SDClipParams()).quantize(sd, {})
+        got = {n: (m if isinstance(m, str) else m["type"]) for n, m in obj["m"].items()}
+        assert got == {"embedding.tok_emb.weight": "int8", "blocks.0.mlp.fc.weight": "int6", "blocks.0.mlp.proj.weight": "int6",
+                       "blocks.0.attn.c_q.weight": "passthrough", "blocks.0.attn.c_k.weight": "passthrough", "blocks.0.attn.proj.weight": "passthrough"}
+        assert "  gptq (int6): blocks.mlp.fc.weight, blocks.mlp.proj.weight" in case["events"] and "  gptq (int8): tok_emb.weight" in case["events"]
+        assert re.search(r"GPTQ:collected 15 Hessians", " ".join(case["events"]))  # 7 layers x 2 MLP matrices + the tied table

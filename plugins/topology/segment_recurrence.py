@@ -166,6 +166,6 @@ def pgolf_register_techniques(register) -> None:
             build=build,
             summary="loop a layer range N extra times over a virtual layer list with U-Net skips over it, from a training fraction; optional two-phase (progressive) switch (PR #1394, #1412)",
             source="https://github.com/openai/parameter-golf/tree/main/records/track_10min_16mb/2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2",
-            example='[[modifier]]\nuse = "segment_recurrence"\nloop_start = 4\nloop_end = 5\nnum_loops = 2\nstart_frac = 0.5',
+            example='[[modifier]]\nuse = "segment_recurrence"\nloop_start = 1\nloop_end = 2\nnum_loops = 2\nstart_frac = 0.5',
         )
     )
