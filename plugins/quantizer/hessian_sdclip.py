@@ -43,7 +43,7 @@ def row_importance_multipliers(w: Tensor, H: Tensor, lam: float, damp: float = 0
 
 
 class HessianSDClipGPTQ(SDClipGPTQ):
-    label = "hessian_sdclip"
+    """``sdclip`` with ``row_clip_multipliers`` from the Hessian diagonal."""
 
     def row_clip_multipliers(self, name: str, w: Tensor, H: Tensor) -> Tensor | None:
         lam = self.params.hessian_clip_lambda

@@ -85,7 +85,7 @@ def sdclip_gptq(w: Tensor, H: Tensor, k: float, clip_range: int, block_size: int
 
 
 class SDClipGPTQ:
-    label = "sdclip"
+    label = "int6"  # the records name the artifact final_model.int6.ptz
     fmt = FORMAT
 
     def __init__(self, params: SDClipParams) -> None:
