@@ -415,3 +415,22 @@ def test_reference_runs_switch_and_route_as_these_techniques_do(pr):
                        "blocks.0.attn.c_q.weight": "passthrough", "blocks.0.attn.c_k.weight": "passthrough", "blocks.0.attn.proj.weight": "passthrough"}
         assert "  gptq (int6): blocks.mlp.fc.weight, blocks.mlp.proj.weight" in case["events"] and "  gptq (int8): tok_emb.weight" in case["events"]
         assert re.search(r"GPTQ:collected 15 Hessians", " ".join(case["events"]))  # 7 layers x 2 MLP matrices + the tied table
+
+
+def test_the_records_env_names_reach_these_techniques(registry):
+    """--legacy-env: the records' variables set the parameters (the pr1493 reference's env, plus #1412's)."""
+    import json
+
+    from conftest import PARITY
+    from pgolf_core.config import load_stack
+
+    env = {k.upper(): v for k, v in json.loads((PARITY / "pr1493.json").read_text())["pr1493_tiny_1proc"]["env"].items()}
+    env.update({"ENABLE_LOOPING_AT": "0.35", "LOOP_PHASE2_AT": "0.65", "HESSIAN_CLIP_LAMBDA": "0.175", "MATRIX_CLIP_SIGMAS": "12.85",
+                "EMBED_CLIP_SIGMAS": "20", "EMBED_BITS": "7", "GPTQ_RESERVE_SECONDS": "12"})
+    path = _stack_file('[[modifier]]\nuse = "segment_recurrence"\n', '[loader]\nuse = "shuffled"\n[quantizer]\nuse = "hessian_sdclip"\n')
+    stack = load_stack(path, registry, legacy_env=env)
+    seg = stack.modifiers[0].params
+    assert (seg.loop_start, seg.loop_end, seg.num_loops, seg.start_frac, seg.phase2_frac, seg.clock_reserve_seconds) == (2, 4, 2, 0.35, 0.65, 12.0)
+    assert stack.technique("quantizer") == "hessian_sdclip" and stack.technique("loader") == "shuffled"
+    q = stack.params("quantizer")
+    assert (q.hessian_clip_lambda, q.matrix_clip_sigmas, q.embed_clip_sigmas, q.embed_bits, q.calib_batches) == (0.175, 12.85, 20.0, 7, 4)

@@ -44,7 +44,7 @@ class SegmentRecurrenceParams:
     num_loops: int = param(2, help="extra passes over the segment (2: the segment runs 3 times)", unit="passes", env="NUM_LOOPS", validator=non_negative)
     start_frac: float = param(0.5, help="training fraction at which looping switches on", unit="fraction of training", env="ENABLE_LOOPING_AT", validator=non_negative)
     phase2_frac: float = param(0.0, help="PR #1412: > 0 switches on one extra pass at start_frac and all passes at this fraction; 0 = all at once", unit="fraction of training", env="LOOP_PHASE2_AT", validator=non_negative)
-    clock_reserve_seconds: float = param(0.0, help="seconds taken off the wallclock cap when the fraction is time-based (the records' GPTQ reserve)", unit="s", validator=non_negative)
+    clock_reserve_seconds: float = param(0.0, help="seconds taken off the wallclock cap when the fraction is time-based (the records' GPTQ reserve)", unit="s", env="GPTQ_RESERVE_SECONDS", validator=non_negative)
 
 
 def virtual_layers(num_layers: int, loop_start: int, loop_end: int, passes: int) -> list[int]:
