@@ -434,3 +434,16 @@ def test_the_records_env_names_reach_these_techniques(registry):
     assert stack.technique("quantizer") == "hessian_sdclip" and stack.technique("loader") == "shuffled"
     q = stack.params("quantizer")
     assert (q.hessian_clip_lambda, q.matrix_clip_sigmas, q.embed_clip_sigmas, q.embed_bits, q.calib_batches) == (0.175, 12.85, 20.0, 7, 4)
+
+
+def test_segment_recurrence_compiles_fullgraph_and_recompiles_per_phase(registry):
+    stack = _segment_stack(registry)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, _ = build_model(stack, registry)
+    sched = model.topology.schedule
+    x = torch.randint(0, 1024, (2, 16))
+    compiled = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    for phase in (2, 0):
+        sched.phase = phase
+        torch.testing.assert_close(compiled(x, x), model(x, x))
