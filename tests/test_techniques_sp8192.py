@@ -326,6 +326,14 @@ def test_embedding_hessian_is_the_final_hidden_state(registry):
     with torch.no_grad():
         h = model.hidden(x).reshape(-1, 64)
     torch.testing.assert_close(H["embedding.tok_emb.weight"], h.T @ h, rtol=1e-5, atol=1e-5)  # (2 forwards, same rows) / 2
+    # an untied head has its own linear layer (its input, the same hidden state, is collected anyway): no tap
+    from pgolf.plugins.quantizer.tied_embedding_gptq import TiedEmbeddingGPTQ, TiedEmbeddingGPTQParams, token_table_name
+
+    untied, _ = build_model(_sdclip_stack(registry, "sdclip", "model.tie_embeddings=false"), registry)
+    assert token_table_name(model) == "embedding.tok_emb.weight" and token_table_name(untied) is None
+    assert untied.hessian_taps == {}
+    TiedEmbeddingGPTQ(TiedEmbeddingGPTQParams()).attach(untied)
+    assert untied.hessian_taps == {}
 
 
 @pytest.mark.parametrize("quantizer", ["sdclip", "hessian_sdclip"])
