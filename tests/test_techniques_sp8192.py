@@ -455,3 +455,31 @@ def test_segment_recurrence_compiles_fullgraph_and_recompiles_per_phase(registry
     for phase in (2, 0):
         sched.phase = phase
         torch.testing.assert_close(compiled(x, x), model(x, x))
+
+
+def _broadcast_worker(rank, world, init, out):
+    import torch.distributed as dist
+
+    from pgolf.plugins.quantizer.sdclip import broadcast_from_rank0
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        mine = {"b": torch.full((2, 2), float(rank + 1)), "a": torch.full((3, 3), 10.0 * (rank + 1))}
+        got = broadcast_from_rank0(mine, torch.device("cpu"))
+        torch.save(got, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sdclip_takes_rank0s_hessians_on_every_rank(tmp_path):
+    """The record's ranks collect Hessians from their own shards, and all load the file rank 0 wrote."""
+    import torch.multiprocessing as mp
+
+    from pgolf.plugins.quantizer.sdclip import broadcast_from_rank0
+
+    one = {"a": torch.ones(2, 2)}
+    assert broadcast_from_rank0(one, torch.device("cpu")) is one  # one process: unchanged
+    mp.spawn(_broadcast_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(got["b"], torch.full((2, 2), 1.0)) and torch.equal(got["a"], torch.full((3, 3), 10.0))

@@ -18,7 +18,9 @@ As the record's ``gptq_quantize_weight`` / ``gptq_mixed_quantize`` do it:
   collection. The record reads ``GPTQ_CALIBRATION_BATCHES`` (64) *training* batches from a fresh shuffled loader
   after training (``calibration = "train"``; its compliance needs the training clock's GPTQ reserve, which is
   not this module's); ``"ar_selfgen"`` samples them as #1019 does. The tied embedding's Hessian (the final
-  hidden state, the head's input) is collected when a technique taps it (``tied_embedding_gptq``).
+  hidden state, the head's input) is collected when a technique taps it (``tied_embedding_gptq``). With several
+  processes the record's ranks each collect from their own shards and all load rank 0's file, so rank 0's
+  Hessians are broadcast and every rank computes rank 0's artifact.
 
 ``row_clip_multipliers`` is the hook by which a variant modulates ``k`` per row (``hessian_sdclip``, #1412).
 Artifact: ``{"__quant_format__": "sdclip_gptq_v1", "w": {name | name.q, name.scale}, "m": {name: "passthrough"
@@ -84,6 +86,22 @@ def sdclip_gptq(w: Tensor, H: Tensor, k: float, clip_range: int, block_size: int
     return Q.to(torch.int8)[:, inv_perm].contiguous(), s
 
 
+def broadcast_from_rank0(hessians: dict[str, Tensor], device) -> dict[str, Tensor]:
+    """Rank 0's Hessians on every rank. In the record each rank collects Hessians from its own shards and
+    quantizes with them, and every rank then loads the file rank 0 wrote: the artifact is rank 0's. Broadcasting
+    them makes every rank compute that same artifact (names in sorted order; a no-op in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return hessians
+    out = {}
+    for name in sorted(hessians):
+        t = hessians[name].to(device).contiguous()
+        dist.broadcast(t, src=0)
+        out[name] = t.cpu()
+    return out
+
+
 class SDClipGPTQ:
     label = "int6"  # the records name the artifact final_model.int6.ptz
     fmt = FORMAT
@@ -102,7 +120,7 @@ class SDClipGPTQ:
     def calibrate(self, ctx) -> None:
         self._log = ctx.log
         self._inner.calibrate(ctx)
-        self.hessians = self._inner.hessians
+        self.hessians = broadcast_from_rank0(self._inner.hessians, ctx.runtime.device)
 
     def category_k_bits(self, name: str) -> tuple[float, int]:
         p = self.params
