@@ -10,7 +10,9 @@ every quantizer that calibrates draws its data the same, checked way:
 * ``ar_generate``: the model samples its own sequences (with a KV cache where that reproduces full forwards,
   ``pgolf_core.model.decode``); ``decode_mismatch`` says when it cannot;
 * ``CalibrationContext.train_batches``: batches of a fresh training-stream loader;
-* ``collect_hessians``: ``XᵀX`` of every ``CastedLinear``'s input over a set of forwards.
+* ``collect_hessians``: ``XᵀX`` of every ``CastedLinear``'s input over a set of forwards, and of each output the
+  model lists in ``hessian_taps`` (``{weight_name: module}``: a weight that no ``CastedLinear`` applies, whose
+  input is that module's output, e.g. a tied head's token table applied to the final hidden state).
 """
 
 from __future__ import annotations
@@ -129,13 +131,24 @@ def collect_hessians(
     """Run ``model(x, y)`` on each batch (under the caller's autocast) with hooks on every ``CastedLinear``;
     returns ``{weight_name: H}`` in fp32 on the CPU, normalised by the number of forwards and damped.
 
-    Every ``CastedLinear`` gets a matrix, zero if it never runs (as in the references)."""
+    Every ``CastedLinear`` gets a matrix, zero if it never runs (as in the references). Each entry of the model's
+    ``hessian_taps`` (``{weight_name: module}``, filled by techniques) gets the ``XᵀX`` of that module's output."""
     hessians = {
         f"{name}.weight": torch.zeros(module.in_features, module.in_features, dtype=torch.float32)
         for name, module in model.named_modules()
         if isinstance(module, CastedLinear)
     }
     handles = forward_hooks_on_linears(model, lambda name, x: accumulate_hessian(hessians[name], x, fp32=fp32))
+    for wname, module in dict(getattr(model, "hessian_taps", None) or {}).items():
+
+        def tap(mod, inputs, output, wname=wname):
+            y = output.detach()
+            if wname not in hessians:
+                with torch.inference_mode(False):  # a normal tensor: it is divided in place afterwards
+                    hessians[wname] = torch.zeros(y.shape[-1], y.shape[-1], dtype=torch.float32)
+            accumulate_hessian(hessians[wname], y, fp32=fp32)
+
+        handles.append(module.register_forward_hook(tap))
     count = 0
     try:
         with torch.inference_mode():

@@ -7,6 +7,13 @@ land in ``<dir>/datasets/...``, ``<dir>/tokenizers/...`` and ``<dir>/manifest.js
 which is where the stacks' default ``data.path`` and ``data.tokenizer`` point). The manifest says how many
 shards a variant has and which tokenizer files belong to it.
 
+The sp8192 variant is not in that repository: the SP8192 records (PR #1394 on) name Kevin Clark's dataset repo
+``kevclark/parameter-golf`` (same layout and manifest; their README runs the official script with
+``MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf``), so that is the default repository for sp8192
+(``VARIANT_REPOS``); ``--repo-id`` overrides it for any variant. The sp8192 tokenizer pgolf ships for its tests
+and toy runs (``pgolf_core/sample/fineweb_8192_bpe.model``) is *unverified* against those shards; the one
+downloaded with them is theirs.
+
 Every file is checked against the content hash the Hub reports for it (sha256 for large files, the git
 blob sha1 for small ones), and shards also by their header. A file already in place and verified is kept,
 so an interrupted download resumes where it stopped (a partial file resumes inside the Hugging Face cache).
@@ -29,15 +36,18 @@ import attrs
 from .errors import DataError, PgolfError
 
 REPO_ID = "willdepueoai/parameter-golf"
+VARIANT_REPOS = {"sp8192": "kevclark/parameter-golf"}
+"""Variants published in another dataset repository than ``REPO_ID`` (same layout and manifest logic)."""
 REMOTE_ROOT = "datasets"
 STATE_FILE = ".pgolf-download.json"
 
 
 @attrs.define(frozen=True)
 class HubSource:
-    """Where the files come from; ``endpoint`` None means ``HF_ENDPOINT`` or huggingface.co."""
+    """Where the files come from; ``repo_id`` None means the variant's repository (``repo_for_variant``),
+    ``endpoint`` None means ``HF_ENDPOINT`` or huggingface.co."""
 
-    repo_id: str = REPO_ID
+    repo_id: str | None = None
     remote_root: str = REMOTE_ROOT
     revision: str | None = None
     endpoint: str | None = None
@@ -58,6 +68,11 @@ def dataset_dir_for_variant(variant: str) -> str:
     if re.fullmatch(r"sp\d+", variant):
         return f"fineweb10B_{variant}"
     raise DataError(f"--variant {variant}: unknown variant; use sp1024, sp4096 (sp<VOCAB_SIZE>) or byte260")
+
+
+def repo_for_variant(variant: str) -> str:
+    """The dataset repository that publishes ``variant``: ``VARIANT_REPOS`` or the official one."""
+    return VARIANT_REPOS.get(variant, REPO_ID)
 
 
 def local_path(dest: Path, relative: str) -> Path:
@@ -246,6 +261,8 @@ def download(variant: str, train_shards: int, dest: str | Path = "data", source:
     dest = Path(dest)
     source = source or HubSource()
     dataset_dir_for_variant(variant)  # fail on a bad variant before any network traffic
+    if source.repo_id is None:
+        source = attrs.evolve(source, repo_id=repo_for_variant(variant))
     loader = Downloader(dest, source, log)
     manifest_path, _ = loader.fetch("manifest.json")
     try:

@@ -100,7 +100,8 @@ def pgolf_on_train_start(state: Any) -> None:
 
 @hookspec
 def pgolf_on_step_start(state: Any) -> None:
-    """Before a step's forward pass; ``state.step`` is the 0-based step, ``state.lr_scale`` its LR multiplier."""
+    """Before a step's forward pass; ``state.step`` is the 0-based step, ``state.lr_scale`` its LR multiplier,
+    ``state.elapsed_ms`` the training time it was computed from."""
 
 
 @hookspec

@@ -55,6 +55,9 @@ class TrainState:
     iterations: int = 0
     lr_scale: float = 1.0
     train_time_ms: float = 0.0
+    elapsed_ms: float = 0.0
+    """At ``on_step_start``: the training time (ms) measured right before the step, what the schedule's
+    ``lr_mul`` received (for switches that fire at a fraction of training time)."""
     train_loss: float | None = None
     last_val: tuple[float, float] | None = None
 
@@ -443,7 +446,7 @@ class Trainer:
 
             elapsed_ms = training_time_ms + 1000.0 * (time.perf_counter() - t0)
             scale = self.schedule.lr_mul(step, elapsed_ms)
-            state.step, state.lr_scale = step, scale
+            state.step, state.lr_scale, state.elapsed_ms = step, scale, elapsed_ms
             events.fire("on_step_start", state)
             train_loss = self.train_step(step, scale)
             step += 1

@@ -28,8 +28,10 @@ SAMPLES = REPO / "pgolf_core" / "sample"
 SHARED = Path(os.environ["PGOLF_SHARED"]) if os.environ.get("PGOLF_SHARED") else None
 FIXTURE_1024 = SHARED / "data" / "fixture_sp1024" if SHARED else DATA / "fixture_sp1024"
 FIXTURE_4096 = SHARED / "data" / "fixture_sp4096" if SHARED else DATA / "fixture_sp4096"
+FIXTURE_8192 = SHARED / "data" / "fixture_sp8192" if SHARED else DATA / "fixture_sp8192"
 TOKENIZER_1024 = SHARED / "data" / "tokenizers" / "fineweb_1024_bpe.model" if SHARED else SAMPLES / "fineweb_1024_bpe.model"
 TOKENIZER_4096 = SHARED / "data" / "tokenizers" / "fineweb_4096_bpe.model" if SHARED else SAMPLES / "fineweb_4096_bpe.model"
+TOKENIZER_8192 = SHARED / "data" / "tokenizers" / "fineweb_8192_bpe.model" if SHARED else SAMPLES / "fineweb_8192_bpe.model"
 PARITY = SHARED / "parity" if SHARED else DATA / "parity"
 STACKS = REPO / "stacks"
 

@@ -38,7 +38,7 @@ class HubHandler(BaseHTTPRequestHandler):
 
     def _resolve(self) -> tuple[str | None, bytes | None]:
         m = re.fullmatch(r"/datasets/(.+?)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
-        if not m or m.group(1) != REPO:
+        if not m or m.group(1) != self.server.repo:
             return None, None
         path = self.server.root / m.group(3)
         return m.group(3), (path.read_bytes() if path.is_file() else None)
@@ -115,7 +115,7 @@ def hub(tmp_path):
     }
     (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
     server = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
-    server.root, server.requests, server.corrupt, server.cut = root, [], {}, {}
+    server.root, server.requests, server.corrupt, server.cut, server.repo = root, [], {}, {}, REPO
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     server.source = HubSource(endpoint=f"http://127.0.0.1:{server.server_port}", cache_dir=str(tmp_path / "hf-cache"))
@@ -205,8 +205,46 @@ def test_damaged_local_file_is_detected_and_fetched_again(hub, tmp_path):
     ],
 )
 def test_manifest_driven_errors(hub, tmp_path, variant, shards, message):
+    import attrs
+
     with pytest.raises(DataError, match=re.escape(message)):
-        download(variant, shards, tmp_path / "data", hub.source, log=lambda line: None)
+        download(variant, shards, tmp_path / "data", attrs.evolve(hub.source, repo_id=REPO), log=lambda line: None)
+
+
+def test_sp8192_comes_from_the_records_repository_with_the_same_manifest_logic(hub, tmp_path):
+    """The SP8192 records name kevclark/parameter-golf; a served copy of that layout (sp8192 shards, the 8192
+    tokenizer pgolf ships) is what `--variant sp8192` fetches by default, and the official repo is not asked."""
+    import attrs
+
+    from pgolf_core.download import repo_for_variant
+
+    assert repo_for_variant("sp8192") == "kevclark/parameter-golf" and repo_for_variant("sp1024") == REPO
+    root = hub.root
+    shards = root / "datasets" / "datasets" / "fineweb10B_sp8192"
+    shards.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in ["fineweb_val_000000", "fineweb_train_000000", "fineweb_train_000001"]:
+        tokens = rng.integers(0, 8192, 3000)
+        tokens[0] = 1
+        write_shard(shards / f"{name}.bin", tokens)
+    shutil.copy(tokenizer_path("sample:sp8192"), root / "datasets" / "tokenizers" / "fineweb_8192_bpe.model")
+    manifest = {
+        "datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192", "stats": {"files_train": 2, "files_val": 1}}],
+        "tokenizers": [{"name": "sp_bpe_8192", "model_path": "tokenizers/fineweb_8192_bpe.model"}],
+    }
+    (root / "datasets" / "manifest.json").write_text(json.dumps(manifest))
+    hub.repo = "kevclark/parameter-golf"
+    dest = tmp_path / "data"
+    result = download("sp8192", 1, dest, hub.source, log=lambda line: None)
+    assert result.dataset_dir == dest / "datasets" / "fineweb10B_sp8192"
+    assert result.tokenizer_path == dest / "tokenizers" / "fineweb_8192_bpe.model"
+    assert sorted(p.name for p in result.dataset_dir.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert load_shard(result.dataset_dir / "fineweb_val_000000.bin", 8192).numel() == 3000
+    load_tokenizer(str(result.tokenizer_path), 8192)
+    assert _gets(hub) == ["datasets/manifest.json", "datasets/datasets/fineweb10B_sp8192/fineweb_val_000000.bin",
+                          "datasets/datasets/fineweb10B_sp8192/fineweb_train_000000.bin", "datasets/tokenizers/fineweb_8192_bpe.model"]
+    with pytest.raises(DataError, match=r"cannot reach it on http://127.0.0.1:\d+ dataset willdepueoai/parameter-golf"):
+        download("sp8192", 1, tmp_path / "d2", attrs.evolve(hub.source, repo_id=REPO), log=lambda line: None)
 
 
 def test_unreachable_endpoint_is_one_line(tmp_path):

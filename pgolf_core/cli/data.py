@@ -30,11 +30,11 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
         "and the default of 80 training shards (8B tokens, ~200 MB each) is about 16 GB on disk; --train-shards 1 "
         "fetches ~0.2 GB. Offline, any stack runs at toy size on the built-in samples instead: pgolf run STACK --toy.",
     )
-    dl.add_argument("--variant", default="sp1024", help="sp1024, sp4096 (sp<VOCAB_SIZE>) or byte260 (default sp1024)")
+    dl.add_argument("--variant", default="sp1024", help="sp1024, sp4096, sp8192 (sp<VOCAB_SIZE>) or byte260 (default sp1024); sp8192 comes from kevclark/parameter-golf, as the SP8192 records name it")
     dl.add_argument("--train-shards", type=int, default=80, help="training shards, a prefix of the export (default 80 = 8B tokens, ~16 GB; each shard ~200 MB)")
     dl.add_argument("--dir", default="data", help="destination; files land in DIR/datasets/ and DIR/tokenizers/ (default ./data)")
     dl.add_argument("--endpoint", help="Hub base URL (default: $HF_ENDPOINT or https://huggingface.co)")
-    dl.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID", "willdepueoai/parameter-golf"), help="dataset repo")
+    dl.add_argument("--repo-id", default=os.environ.get("MATCHED_FINEWEB_REPO_ID"), help="dataset repo (default: the variant's: kevclark/parameter-golf for sp8192, else willdepueoai/parameter-golf)")
     dl.add_argument("--remote-root", default=os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets"), help="export root inside the repo")
     dl.add_argument("--revision", help="branch, tag or commit of the dataset repo (default: main)")
     dl.add_argument("--cache-dir", help="Hugging Face cache directory (default: the Hub's own)")

@@ -51,6 +51,9 @@ class GPT(nn.Module):
         self.final_norm = RMSNorm()
         self.head = head
         self.loss = loss
+        self.hessian_taps: dict[str, nn.Module] = {}
+        """``{weight_name: module}``: weights that no ``CastedLinear`` applies, whose input is that module's output
+        (for Hessian-aware quantizers; ``pgolf_core.calibration.collect_hessians``). Techniques fill it."""
 
     def hidden(self, input_ids: Tensor, aux: Mapping[str, Tensor] | None = None) -> Tensor:
         x = self.embedding(input_ids)
