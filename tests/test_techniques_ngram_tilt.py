@@ -203,7 +203,8 @@ VOCAB = 1024
 
 def test_evaluator_on_a_tiny_stack(registry):
     stack = tiny_stack(registry, "evaluator.use=ngram_tilt", "evaluator.eval_seq_len=32", "evaluator.stride=16",
-                       "evaluator.epochs=1", "evaluator.chunk_tokens=128", "evaluator.batch_seqs=2")
+                       "evaluator.epochs=1", "evaluator.chunk_tokens=128", "evaluator.batch_seqs=2",
+                       'evaluator.label="final_{quant}_ngram_tilt"')  # the baseline's full_val label would carry over
     tilt = build_slot(stack, registry, "evaluator")
     assert isinstance(tilt, NgramTilt) and tilt.eval_seq_len == 32
     torch.manual_seed(0)

@@ -87,11 +87,11 @@ class NgramTiltParams(ScoreFirstTTTParams):
     lr_floor: float = param(0.0, help="lower bound of the cosine as a fraction of lr; 0: none (#1514)", env="TTT_LR_FLOOR", validator=non_negative)
     freeze_blocks: int = param(0, help="blocks 0..freeze_blocks-1 are not trained (#1514: 0)", env="TTT_FREEZE_BLOCKS", validator=non_negative)
     base_beta: float = param(2.0, help="tilt strength of the token expert: beta = base_beta * confidence", unit="nats", env="NGRAM_BASE_BETA")
-    order_stride: int = param(2, help="active context orders 8, 8+stride, ... up to 16", unit="tokens", env="NGRAM_ORDER_STRIDE", validator=positive)
+    order_stride: int = param(2, help="active context orders 8, 8+stride, ... up to 16 (orders are token counts)", env="NGRAM_ORDER_STRIDE", validator=positive)
     token_threshold_scale: float = param(1.0, help="multiplies the per-order confidence thresholds (0.70, 0.60, 0.50)", validator=positive)
     within_beta: float = param(0.0, help="within-word expert (refused unless 0: it leaks the target)", unit="nats", env="NGRAM_WITHIN_BETA", validator=_refused("within-word"))
     word_beta: float = param(0.0, help="word-start expert (refused unless 0: it leaks the target)", unit="nats", env="NGRAM_WORD_BETA", validator=_refused("word-start"))
-    tilt_label: str = param("final_{quant}_ngram_tilt", help="name of the tilted score-first TTT line")
+    label: str = param("final_{quant}_ngram_tilt", help="name of the tilted score-first TTT line (#1514 logs it as legal_ttt)")
 
 
 def context_keys(tokens: Tensor, order: int) -> Tensor:
@@ -218,14 +218,14 @@ class NgramTilt:
 
         loss, bpb = eval_score_first_ttt(base_model, env, p, self.eval_seq_len, adjust=adjust)
         note = f"hints:{hit}/{max(env.val.tokens.numel() - 1, 1)} precompute:{self.precompute_s:.1f}s base_beta:{p.base_beta} epochs:{p.epochs}"
-        results.append(FinalResult(p.tilt_label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), note))
+        results.append(FinalResult(p.label.format(quant=quant, comp=comp), loss, bpb, 1000.0 * (time.perf_counter() - t0), note))
         return results
 
     def reported_lines(self, quant: str, comp: str) -> list[str]:
-        return [*self.ttt.window.reported_lines(quant, comp), self.params.tilt_label.format(quant=quant, comp=comp)]
+        return [*self.ttt.window.reported_lines(quant, comp), self.params.label.format(quant=quant, comp=comp)]
 
     def compliance_for(self, line_name: str) -> Compliance:
-        if matches_label(self.params.tilt_label, line_name):
+        if matches_label(self.params.label, line_name):
             return Compliance(line_name, True, TILT_REASON)
         try:
             return self.ttt.window.compliance_for(line_name)
