@@ -250,3 +250,17 @@ def test_cli_lists_it_and_validate_refuses_the_word_expert_in_one_line(tmp_path)
     assert bad.returncode == 2
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "evaluator.word_beta" in errors[0] and "leak" in errors[0] and "refused" in errors[0]
+
+
+def test_legacy_env_maps_the_records_variables_and_refuses_its_default_within_beta(registry):
+    from conftest import STACKS
+
+    from pgolf_core.config import load_stack
+    from pgolf_core.errors import ConfigError
+
+    sets = ["evaluator.use=ngram_tilt"]
+    run = {"NGRAM_BASE_BETA": "1.5", "NGRAM_ORDER_STRIDE": "1", "NGRAM_WITHIN_BETA": "0.0", "NGRAM_WORD_BETA": "0.0", "TTT_LR": "0.004"}
+    params = load_stack(STACKS / "sample.toml", registry, overrides=sets, legacy_env=run).params("evaluator")
+    assert (params.base_beta, params.order_stride, params.within_beta, params.lr) == (1.5, 1, 0.0, 0.004)
+    with pytest.raises(ConfigError, match="within_beta = 0.92 enables the within-word expert"):
+        load_stack(STACKS / "sample.toml", registry, overrides=sets, legacy_env={"NGRAM_WITHIN_BETA": "0.92"})
