@@ -117,9 +117,12 @@ def _average_grads(params: list[nn.Parameter], world_size: int) -> None:
         g.copy_(avg)
 
 
-def eval_score_first_ttt(base_model, env, params: ScoreFirstTTTParams, seq_len: int, record=None) -> tuple[float, float]:
+def eval_score_first_ttt(base_model, env, params: ScoreFirstTTTParams, seq_len: int, record=None, adjust=None) -> tuple[float, float]:
     """(val_loss, val_bpb) with score-first TTT; ``record(ws, s, nll)`` (optional) sees each window's scored
-    NLLs (float64). The model comes back with the weights, flags and mode it had."""
+    NLLs (float64). ``adjust(nll, logits, targets, positions) -> nll`` (optional) replaces the scored NLLs of a
+    window (float64 ``(n,)``, its float32 logits ``(n, V)``, targets and their indices in the validation stream)
+    before they are summed: an eval-time mixture on the scoring pass. The model comes back with the weights,
+    flags and mode it had."""
     p = params
     val, tokens, device = env.val, env.val.tokens, env.device
     total = tokens.numel() - 1
@@ -148,9 +151,16 @@ def eval_score_first_ttt(base_model, env, params: ScoreFirstTTTParams, seq_len: 
                     x, y, wlens = window_batch(tokens, batch, seq_len, total, device)
                     with env.autocast():
                         logits = logits_fn(x)
-                    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="none").reshape(len(batch), seq_len)
+                    logits = logits.reshape(len(batch), seq_len, -1).float()
+                    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").reshape(len(batch), seq_len)
                     for i, ws in enumerate(batch):
-                        totals.add(val, nll[i], x[i], y[i], ws, scored_offset(ws, wlens[i], p.stride), wlens[i])
+                        s = scored_offset(ws, wlens[i], p.stride)
+                        row = nll[i]
+                        if adjust is not None and wlens[i] > s:
+                            row = row.to(torch.float64).clone()
+                            positions = torch.arange(ws + s + 1, ws + wlens[i] + 1, device=device, dtype=torch.int64)
+                            row[s : wlens[i]] = adjust(row[s : wlens[i]], logits[i, s : wlens[i]], y[i, s : wlens[i]], positions)
+                        totals.add(val, row, x[i], y[i], ws, s, wlens[i])
             if c == n_chunks - 1 or p.epochs <= 0:
                 continue
             chunk_start, chunk_end = c * p.chunk_tokens, min((c + 1) * p.chunk_tokens, total)
