@@ -528,3 +528,18 @@ def test_segment_recurrence_as_record_1285_runs_it(registry):
         torch.testing.assert_close(model.topology(x0, x0, model.blocks), reference([0, 1, 2, 1, 2, 3, 4]), rtol=0, atol=0)
     assert logs == ["recurrence: layers=[1, 2] start_step=8 active=0", "recurrence:activated step:8 layers:[1, 2] virtual_layers:7"]
     assert sched.encoder() == [0, 1, 2] and sched.decoder() == [1, 2, 3, 4]
+
+
+def test_sdclip_calibration_on_training_data_takes_its_reserve_off_the_training_clock():
+    """#1394's GPTQ_RESERVE_SECONDS=12: the loop stops 12 s early and the training-batch Hessians are read in
+    that slice (compliant); without a reserve they are read after the clock (not compliant)."""
+    from pgolf_core.contracts import train_budget_ms, train_time_reserve
+    from pgolf.plugins.quantizer.sdclip import SDClipGPTQ, SDClipParams
+
+    q = SDClipGPTQ(SDClipParams(reserve_seconds=12.0))
+    assert train_time_reserve([q]) == 12.0 and train_budget_ms(600.0, train_time_reserve([q])) == 588_000.0
+    (c,) = q.compliance
+    assert c.ok and "inside the seconds reserved from the training clock" in c.reason and "12 s reserve" in c.reason
+    (c,) = SDClipGPTQ(SDClipParams()).compliance
+    assert not c.ok and train_time_reserve([SDClipGPTQ(SDClipParams())]) == 0.0
+
