@@ -35,10 +35,11 @@ CASES = [
     ("pr1392", "pr1392_tiny_8proc"), ("pr1218", "pr1218_tiny_a"), ("pr1218", "pr1218_tiny_2proc"),
     ("pr1285", "pr1285_tiny_a"), ("pr1285", "pr1285_tiny_2proc"),
     ("pr1394", "pr1394_tiny_1proc"), ("pr1394", "pr1394_tiny_2proc"),
-
+    ("pr1493", "pr1493_tiny_1proc"), ("pr1493", "pr1493_tiny_2proc"),
 ]
-# Variables the reference left at its script's default where the stack carries the record's run command.
-CASE_ENV: dict[str, dict[str, str]] = {}
+# Variables the reference left at its script's default where the stack carries the record's run command:
+# #1493's script defaults QK_GAIN_INIT to 5.0, its README's run sets 5.25 (stacks/pr1493.toml), its references 5.0.
+CASE_ENV = {"pr1493": {"QK_GAIN_INIT": "5.0"}}
 CASE_IDS = [case.replace("_tiny_a", "").replace("_tiny_1proc", "").replace("_tiny_", "_") for _, case in CASES]
 
 # Reference event lines that carry each project's own sizes, or numbers the reference mislabels (its
@@ -52,15 +53,17 @@ SKIPPED_EVENTS = (
     # #1285 primes its recurrence graph in extra warmup steps that are rolled back (pgolf repeats no compile
     # priming), and ranks matrices for int5/int6 although N_INT6_LAYERS=66 keeps every one int6 (no weight changes).
     "recurrence:prewarm", "mixed_quant:",
-    # The SP8192 record #1394: data facts pgolf logs in its own words (train_loader:/val lines), the
+    # The SP8192 records (#1394, #1493): data facts pgolf logs in its own words (train_loader:/val lines), the
     # rolled-back warmup with the loop on (compile priming, not repeated), and the quantizer's routing, which
     # tests/test_techniques_sp8192.py checks against these very lines.
     "train_shards:", "val_tokens:", "loop_warmup:enabled", "GPTQ:collecting Hessians", "Quantized weights:", "  gptq (", "  passthrough (",
+    "ttt:start chunks=",  # #1493's TTT banner (its settings are the legacy env's, its result the quantized_ttt final)
 )
 # The SP8192 records label their final lines; pgolf's names for the same evaluations. Their pre-quantization line
 # is compared with pgolf's 4-decimal DIAGNOSTIC line.
 FINAL_NAMES = {
     "quantized": "final_int6_roundtrip_exact", "quantized_sliding_window": "final_int6_sliding_window_exact",
+    "quantized_ttt": "final_int6_ttt_exact",
 }
 PRE_QUANT = "pre-quantization post-ema"
 DIAGNOSTIC = re.compile(r"DIAGNOSTIC (\S+) val_loss:([0-9.]+) val_bpb:([0-9.]+)")
@@ -130,7 +133,7 @@ def test_stack_matches_reference(stack, case, tmp_path):
 
 @pytest.mark.parametrize(
     "stack, params",
-    [("pr315", 26_829_913), ("pr400", 26_845_283), ("pr450", 30_416_484), ("pr1019", 27_067_484), ("pr1392", 34_400_347), ("pr1319", 27_067_484), ("pr1218", 34_401_371), ("pr1285", 34_401_371), ("pr1394", 35_943_512)],
+    [("pr315", 26_829_913), ("pr400", 26_845_283), ("pr450", 30_416_484), ("pr1019", 27_067_484), ("pr1392", 34_400_347), ("pr1319", 27_067_484), ("pr1218", 34_401_371), ("pr1285", 34_401_371), ("pr1394", 35_943_512), ("pr1493", 35_944_536)],
 )
 def test_validate_reports_the_reference_parameter_count(stack, params, tmp_path):
     proc = run_cli(["validate", str(STACKS / f"{stack}.toml")], tmp_path)
@@ -142,5 +145,5 @@ def test_validate_reports_the_reference_parameter_count(stack, params, tmp_path)
         assert "final_slot NOT_COMPLIANT - optimises per-window parameters on the very tokens it then scores" in compliance
     if stack in ("pr1019", "pr1392", "pr1319"):
         assert "gptq calibration data ok - sequences the trained model generates itself" in compliance
-    if stack in ("pr1218", "pr1285", "pr1394"):  # training batches, read inside the 10 s (12 s) taken off the training clock
+    if stack in ("pr1218", "pr1285", "pr1394", "pr1493"):  # training batches, read inside the 10 s (12 s) taken off the training clock
         assert "gptq calibration data ok - training batches read inside the seconds reserved from the training clock" in compliance

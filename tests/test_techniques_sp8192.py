@@ -543,3 +543,30 @@ def test_sdclip_calibration_on_training_data_takes_its_reserve_off_the_training_
     (c,) = SDClipGPTQ(SDClipParams()).compliance
     assert not c.ok and train_time_reserve([SDClipGPTQ(SDClipParams())]) == 0.0
 
+
+
+def test_record_1493s_parallel_residual_start_selects_the_parallel_blocks(registry):
+    """#1493 names the first parallel layer PARALLEL_RESIDUAL_START (#1392: PARALLEL_START_LAYER); negative: none."""
+    from pgolf_core.config import load_stack
+
+    body = '[[modifier]]\nuse = "parallel_residual"\nlayers = "7:"\n'
+    assert load_stack(_stack_file(body), registry, legacy_env={"PARALLEL_RESIDUAL_START": "5"}).modifiers[0].layers == "5:"
+    assert load_stack(_stack_file(body), registry, legacy_env={}).modifiers[0].layers == "7:"
+
+
+@pytest.mark.parametrize("total, seq_len, stride, chunk", [(19968, 64, 32, 4096), (256, 32, 8, 64), (1000, 64, 16, 300), (4095, 2048, 64, 1024)])
+def test_score_first_ttt_score_once_windows_are_record_1493s(total, seq_len, stride, chunk):
+    """#1493's eval_val_ttt: starts while ws + seq_len - stride < total, scored from seq_len - stride, each window in
+    the chunk of its first scored token; every token scored exactly once."""
+    from pgolf.plugins.evaluator.sliding_window import scored_offset
+    from pgolf.plugins.evaluator.ttt import chunk_windows
+
+    context = seq_len - stride
+    n_chunks = (total + chunk - 1) // chunk
+    ref: list[list[int]] = [[] for _ in range(n_chunks)]
+    for ws in [ws for ws in range(0, total, stride) if ws + context < total]:
+        ref[min((ws + (0 if ws == 0 else context)) // chunk, n_chunks - 1)].append(ws)
+    got = chunk_windows(total, seq_len, stride, chunk, score_once=True)
+    assert got == ref
+    scored = [min(ws + seq_len, total) - ws - scored_offset(ws, min(ws + seq_len, total) - ws, stride, seq_len) for c in got for ws in c]
+    assert sum(scored) == total
