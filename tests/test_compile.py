@@ -30,6 +30,8 @@ def _fit_layer_lists(path) -> list[str]:
             parse_layers(m.layers, 4)
         except ValueError:
             out.append(f"modifier[{i}].layers=[2, 3]" if isinstance(m.layers, list) else f'modifier[{i}].layers="2:"')
+        if getattr(m.params, "loop_end", 0) >= 4:  # segment_recurrence's own range (#1394: 4-5, #1493: 3-5)
+            out += [f"modifier[{i}].loop_start=2", f"modifier[{i}].loop_end=3"]
     return out
 
 

@@ -39,6 +39,8 @@ def _depth_overrides(registry, name: str) -> list[str]:
     for i, mod in enumerate(full.modifiers):
         if mod.layers != "all":
             out.append(f"modifier[{i}].layers={sorted({layer * LAYERS // n for layer in parse_layers(mod.layers, n)})}")
+        elif hasattr(mod.params, "loop_start"):  # segment_recurrence's range given by its own indices (#1394)
+            out += [f"modifier[{i}].loop_start={mod.params.loop_start * LAYERS // n}", f"modifier[{i}].loop_end={mod.params.loop_end * LAYERS // n}"]
     if hasattr(full.params("quantizer"), "calib_seqs"):
         out.append("quantizer.calib_seqs=16")
     return out

@@ -483,3 +483,90 @@ def test_sdclip_takes_rank0s_hessians_on_every_rank(tmp_path):
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{rank}.pt")
         assert torch.equal(got["b"], torch.full((2, 2), 1.0)) and torch.equal(got["a"], torch.full((3, 3), 10.0))
+
+
+def test_segment_recurrence_as_record_1285_runs_it(registry):
+    """#1285: RECUR_LAYERS names the segment (one extra pass), RECUR_START_STEP switches it on at the top of a
+    step, before that step's validation; skip weights for the physical halves, the last reused while skips remain."""
+    from pgolf_core.config import load_stack
+
+    body = '[[modifier]]\nuse = "segment_recurrence"\nlayers = [3, 4]\nnum_loops = 1\nstart_step = 30\nskip_weights = "physical"\n'
+    stack = load_stack(_stack_file(body), registry, legacy_env={"RECUR_LAYERS": "1,2", "RECUR_START_STEP": "8"})
+    assert stack.modifiers[0].layers == [1, 2] and stack.modifiers[0].params.start_step == 8
+    stack = tiny_stack(registry, "model.num_layers=5", path=_stack_file(body.replace("[3, 4]", "[1, 2]").replace("30", "8")))
+    torch.manual_seed(0)
+    model, mods = build_model(stack, registry)
+    seg = next(m for m in mods if isinstance(m, SegmentRecurrence))
+    sched = model.topology.schedule
+    assert sched.num_skips == 2 and tuple(model.topology.skip_weights.shape) == (2, 64)  # min(2, 3), as without recurrence
+    with torch.no_grad():
+        for blk in model.blocks:
+            torch.nn.init.normal_(blk.attn.proj.weight, std=0.1)
+            torch.nn.init.normal_(blk.mlp.proj.weight, std=0.1)
+        model.topology.skip_weights.copy_(torch.rand(2, 64) + 0.5)
+    x0 = torch.randn(2, 8, 64)
+
+    def reference(v2p):  # #1285's GPT.forward between x0 and final_norm (skip gates off): skip_i = min(i, n - 1)
+        enc_layers, x, skips = len(v2p) // 2, x0, []
+        for i in v2p[:enc_layers]:
+            x = model.blocks[i](x, x0, {})
+            skips.append(x)
+        for i, p in enumerate(v2p[enc_layers:]):
+            if skips:
+                x = x + model.topology.skip_weights[min(i, 1)][None, None, :] * skips.pop()
+            x = model.blocks[p](x, x0, {})
+        return x
+
+    logs: list[str] = []
+    state = type("S", (), {})()
+    state.log, state.train_time_ms = logs.append, 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(model.topology(x0, x0, model.blocks), reference([0, 1, 2, 3, 4]), rtol=0, atol=0)
+        for step in range(9):
+            state.step = step
+            seg.on_eval_start(state) if step == 8 else seg.on_step_start(state)
+        torch.testing.assert_close(model.topology(x0, x0, model.blocks), reference([0, 1, 2, 1, 2, 3, 4]), rtol=0, atol=0)
+    assert logs == ["recurrence: layers=[1, 2] start_step=8 active=0", "recurrence:activated step:8 layers:[1, 2] virtual_layers:7"]
+    assert sched.encoder() == [0, 1, 2] and sched.decoder() == [1, 2, 3, 4]
+
+
+def test_sdclip_calibration_on_training_data_takes_its_reserve_off_the_training_clock():
+    """#1394's GPTQ_RESERVE_SECONDS=12: the loop stops 12 s early and the training-batch Hessians are read in
+    that slice (compliant); without a reserve they are read after the clock (not compliant)."""
+    from pgolf_core.contracts import train_budget_ms, train_time_reserve
+    from pgolf.plugins.quantizer.sdclip import SDClipGPTQ, SDClipParams
+
+    q = SDClipGPTQ(SDClipParams(reserve_seconds=12.0))
+    assert train_time_reserve([q]) == 12.0 and train_budget_ms(600.0, train_time_reserve([q])) == 588_000.0
+    (c,) = q.compliance
+    assert c.ok and "inside the seconds reserved from the training clock" in c.reason and "12 s reserve" in c.reason
+    (c,) = SDClipGPTQ(SDClipParams()).compliance
+    assert not c.ok and train_time_reserve([SDClipGPTQ(SDClipParams())]) == 0.0
+
+
+
+def test_record_1493s_parallel_residual_start_selects_the_parallel_blocks(registry):
+    """#1493 names the first parallel layer PARALLEL_RESIDUAL_START (#1392: PARALLEL_START_LAYER); negative: none."""
+    from pgolf_core.config import load_stack
+
+    body = '[[modifier]]\nuse = "parallel_residual"\nlayers = "7:"\n'
+    assert load_stack(_stack_file(body), registry, legacy_env={"PARALLEL_RESIDUAL_START": "5"}).modifiers[0].layers == "5:"
+    assert load_stack(_stack_file(body), registry, legacy_env={}).modifiers[0].layers == "7:"
+
+
+@pytest.mark.parametrize("total, seq_len, stride, chunk", [(19968, 64, 32, 4096), (256, 32, 8, 64), (1000, 64, 16, 300), (4095, 2048, 64, 1024)])
+def test_score_first_ttt_score_once_windows_are_record_1493s(total, seq_len, stride, chunk):
+    """#1493's eval_val_ttt: starts while ws + seq_len - stride < total, scored from seq_len - stride, each window in
+    the chunk of its first scored token; every token scored exactly once."""
+    from pgolf.plugins.evaluator.sliding_window import scored_offset
+    from pgolf.plugins.evaluator.ttt import chunk_windows
+
+    context = seq_len - stride
+    n_chunks = (total + chunk - 1) // chunk
+    ref: list[list[int]] = [[] for _ in range(n_chunks)]
+    for ws in [ws for ws in range(0, total, stride) if ws + context < total]:
+        ref[min((ws + (0 if ws == 0 else context)) // chunk, n_chunks - 1)].append(ws)
+    got = chunk_windows(total, seq_len, stride, chunk, score_once=True)
+    assert got == ref
+    scored = [min(ws + seq_len, total) - ws - scored_offset(ws, min(ws + seq_len, total) - ws, stride, seq_len) for c in got for ws in c]
+    assert sum(scored) == total

@@ -29,6 +29,9 @@ REFERENCES = {
     "pr1392": (27_454, 15_799_271, "its Serialized model line"),
     "pr1319": (None, 15_611_244, "15,690,779 total − 79,535 code (its Code size line)"),
     "pr1218": (None, 15_859_576, "largest seed (2025): 15,927,782 total − 68,206 code"),
+    "pr1285": (21_396, 15_946_087, "largest seed (42): 15,967,483 total − 21,396 code (its wrapper)"),
+    "pr1394": (15_516, 15_973_467, "largest seed (42): 15,988,983 total − 15,516 code (its wrapper)"),
+    "pr1493": (16_594, 15_976_638, "largest seed (999): 15,993,232 total − 16,594 code (its wrapper)"),
 }
 BEGIN, END = "<!-- export-sizes:begin -->", "<!-- export-sizes:end -->"
 

@@ -49,6 +49,7 @@ from pgolf.plugins.evaluator.sliding_window import (
     rank_share,
     scored_offset,
     window_batch,
+    window_starts,
 )
 
 TTT_REASON = (
@@ -72,23 +73,32 @@ class ScoreFirstTTTParams:
     grad_clip: float = param(1.0, help="gradient-norm clip of each step", env="TTT_GRAD_CLIP", validator=positive)
     lr_floor: float = param(0.1, help="lower bound of the cosine as a fraction of lr; 0: none (#549)", env="TTT_LR_FLOOR", validator=non_negative)
     freeze_blocks: int = param(2, help="blocks 0..freeze_blocks-1 are not trained (#1392: 2; #549: 0)", env="TTT_FREEZE_BLOCKS", validator=non_negative)
+    score_once: bool = param(
+        False,
+        help="the #1218 line's corrected windows for the sliding-window line and the TTT scoring (#1394/#1493): start only while "
+        "ws + eval_seq_len - stride < total, score from eval_seq_len - stride, so every token is scored once (False: #1392's windows)",
+    )
     roundtrip_label: str = param("final_{quant}_roundtrip", help="name of the non-overlapping round-trip line")
     sliding_label: str = param("final_{quant}_sliding_window", help="name of the sliding-window line")
     label: str = param("final_{quant}_ttt", help="name of the test-time-training line")
 
 
-def ttt_window_starts(total_tokens: int, seq_len: int, stride: int) -> list[int]:
-    """The sliding window's starts without the windows shorter than ``stride`` (except the one at 0)."""
+def ttt_window_starts(total_tokens: int, seq_len: int, stride: int, score_once: bool = False) -> list[int]:
+    """The sliding window's starts without the windows shorter than ``stride`` (except the one at 0); with
+    ``score_once``, #1493's list: ``ws + seq_len - stride < total`` (the corrected sliding window's)."""
+    if score_once:
+        return window_starts(total_tokens, seq_len, stride, score_once=True)
     return [ws for ws in range(0, total_tokens, stride) if min(ws + seq_len, total_tokens) - ws >= stride or ws == 0]
 
 
-def chunk_windows(total_tokens: int, seq_len: int, stride: int, chunk_tokens: int) -> list[list[int]]:
+def chunk_windows(total_tokens: int, seq_len: int, stride: int, chunk_tokens: int, score_once: bool = False) -> list[list[int]]:
     """Window starts per chunk; a window belongs to the chunk of its first scored position."""
     n_chunks = (total_tokens + chunk_tokens - 1) // chunk_tokens
     chunks: list[list[int]] = [[] for _ in range(n_chunks)]
-    for ws in ttt_window_starts(total_tokens, seq_len, stride):
+    once_len = seq_len if score_once else 0
+    for ws in ttt_window_starts(total_tokens, seq_len, stride, score_once):
         wlen = min(ws + seq_len, total_tokens) - ws
-        chunks[min((ws + scored_offset(ws, wlen, stride)) // chunk_tokens, n_chunks - 1)].append(ws)
+        chunks[min((ws + scored_offset(ws, wlen, stride, once_len)) // chunk_tokens, n_chunks - 1)].append(ws)
     return chunks
 
 
@@ -126,7 +136,9 @@ def eval_score_first_ttt(base_model, env, params: ScoreFirstTTTParams, seq_len: 
     p = params
     val, tokens, device = env.val, env.val.tokens, env.device
     total = tokens.numel() - 1
-    chunks = chunk_windows(total, seq_len, p.stride, p.chunk_tokens)
+    score_once = getattr(p, "score_once", False)
+    once_len = seq_len if score_once else 0
+    chunks = chunk_windows(total, seq_len, p.stride, p.chunk_tokens, score_once)
     n_chunks = len(chunks)
     distributed = dist.is_available() and dist.is_initialized() and env.world_size > 1
     saved = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
@@ -154,7 +166,7 @@ def eval_score_first_ttt(base_model, env, params: ScoreFirstTTTParams, seq_len: 
                     logits = logits.reshape(len(batch), seq_len, -1).float()
                     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").reshape(len(batch), seq_len)
                     for i, ws in enumerate(batch):
-                        s = scored_offset(ws, wlens[i], p.stride)
+                        s = scored_offset(ws, wlens[i], p.stride, once_len)
                         row = nll[i]
                         if adjust is not None and wlens[i] > s:
                             row = row.to(torch.float64).clone()
@@ -212,6 +224,7 @@ class ScoreFirstTTT:
             batch_seqs=params.eval_batch_seqs,
             roundtrip_label=params.roundtrip_label,
             label=params.sliding_label,
+            score_once=params.score_once,
         )
         self.window = SlidingWindow(window_params, train_seq_len)
         self.eval_seq_len = self.window.eval_seq_len

@@ -16,8 +16,8 @@ As the record's ``gptq_quantize_weight`` / ``gptq_mixed_quantize`` do it:
   tensor; pgolf rounds at the SDClip scale without error feedback when there is none, and logs it);
 * Hessians: ``XᵀX`` of each linear's input over ``calib_batches`` forwards, divided by that count, no damping at
   collection. The record reads ``GPTQ_CALIBRATION_BATCHES`` (64) *training* batches from a fresh shuffled loader
-  after training (``calibration = "train"``; its compliance needs the training clock's GPTQ reserve, which is
-  not this module's); ``"ar_selfgen"`` samples them as #1019 does. The tied embedding's Hessian (the final
+  after training (``calibration = "train"``), inside the ``reserve_seconds`` (``GPTQ_RESERVE_SECONDS``, 12 s in
+  #1394) taken off the training clock, which makes it compliant; ``"ar_selfgen"`` samples them as #1019 does. The tied embedding's Hessian (the final
   hidden state, the head's input) is collected when a technique taps it (``tied_embedding_gptq``). With several
   processes the record's ranks each collect from their own shards and all load rank 0's file, so rank 0's
   Hessians are broadcast and every rank computes rank 0's artifact.
@@ -63,6 +63,7 @@ class SDClipParams:
         validator=one_of("train", "ar_selfgen", "none"),
     )
     calib_batches: int = param(64, help="calibration forwards: training batches ('train') or self-generated sequences ('ar_selfgen')", unit="batches", env="GPTQ_CALIBRATION_BATCHES", validator=positive)
+    reserve_seconds: float = param(0.0, help="seconds taken off the training wallclock for calibration on training data, which then counts as training (#1394: 12); no effect without a cap", unit="seconds", env="GPTQ_RESERVE_SECONDS", validator=non_negative)
 
 
 def sdclip_scales(w: Tensor, k: float | Tensor, clip_range: int) -> Tensor:
@@ -110,8 +111,13 @@ class SDClipGPTQ:
         self.params = params
         self.hessians: dict[str, Tensor] = {}
         calib = {"train": "train", "ar_selfgen": "ar_selfgen", "none": "none"}[params.calibration]
-        self._inner = GPTQ(GPTQParams(calibration=calib, calib_train_batches=params.calib_batches, calib_seqs=params.calib_batches, collect_damp=0.0, hessian_precision="fp32"))
+        self._inner = GPTQ(GPTQParams(calibration=calib, calib_train_batches=params.calib_batches, calib_seqs=params.calib_batches, collect_damp=0.0, hessian_precision="fp32", reserve_seconds=params.reserve_seconds))
         self._log = None
+
+    @property
+    def train_time_reserve_s(self) -> float:
+        """Seconds the training loop leaves for this calibration (``pgolf_core.contracts.ReservesTrainTime``)."""
+        return self.params.reserve_seconds
 
     @property
     def compliance(self):

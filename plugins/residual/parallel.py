@@ -7,8 +7,9 @@ parameters, one residual stream, the U-Net skip added before the block as usual.
 ``lane_merge`` / ``resid_mix_mlp`` variant that PR #1392's README describes is PR #1289's, not what its code
 ran: ``two_lane_parallel``.)
 
-``PARALLEL_START_LAYER=N`` selects layers ``N:``; a negative value selects none. Under a sequential view
-(GPTQ's ``hessian_model = "sequential"``) the chosen blocks run sequentially, as PR #1392's Hessian model did.
+``PARALLEL_START_LAYER=N`` (``PARALLEL_RESIDUAL_START`` in #1493) selects layers ``N:``; a negative value selects
+none. Under a sequential view (GPTQ's ``hessian_model = "sequential"``) the chosen blocks run sequentially, as PR
+#1392's Hessian model did.
 """
 
 from __future__ import annotations
@@ -75,6 +76,6 @@ def pgolf_register_techniques(register) -> None:
             summary="GPT-J-style parallel attention+MLP on one residual stream for the chosen layers (PR #1392)",
             source="https://github.com/openai/parameter-golf/pull/1392",
             example='[[modifier]]\nuse = "parallel_residual"\nlayers = "7:"',
-            layers_env={"PARALLEL_START_LAYER": _from_start_layer},
+            layers_env={"PARALLEL_START_LAYER": _from_start_layer, "PARALLEL_RESIDUAL_START": _from_start_layer},
         )
     )

@@ -22,6 +22,13 @@ The switch: at the start of a step, with ``frac = step / iterations`` (no wallcl
 (``layer_loop:phase2``); one transition per step. The final evaluation runs the full list (the records' eval
 model is built with ``looping_active = True``). The records' extra warmup steps with looping on (to compile
 that graph) change no weights and are not repeated here.
+
+Record #1285 (``RECUR_LAYERS``, ``RECUR_START_STEP``), the two-layer loop this generalises, differs in three ways,
+each a switch here: the modifier's ``layers`` selector, when it is not every layer, names the segment (its
+``RECUR_LAYERS=4,5``: ``loop_start``/``loop_end`` from it, one extra pass); ``start_step >= 0`` switches on at the
+top of that step instead of at a fraction (log ``recurrence:activated step:N layers:[…] virtual_layers:V``); and
+``skip_weights = "physical"`` sizes the U-Net skip weights for the physical halves (``min(L//2, L-L//2)``) while
+every decoder position takes a stored skip as long as one is left, with weight ``min(j, n-1)``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from typing import Iterator
 import attrs
 from torch import Tensor, nn
 
-from pgolf_core.config.fields import non_negative, param
+from pgolf_core.config.fields import non_negative, one_of, param
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.registry import Technique
 
@@ -44,6 +51,8 @@ class SegmentRecurrenceParams:
     num_loops: int = param(2, help="extra passes over the segment (2: the segment runs 3 times)", unit="passes", env="NUM_LOOPS", validator=non_negative)
     start_frac: float = param(0.5, help="training fraction at which looping switches on", unit="fraction of training", env="ENABLE_LOOPING_AT", validator=non_negative)
     phase2_frac: float = param(0.0, help="PR #1412: > 0 switches on one extra pass at start_frac and all passes at this fraction; 0 = all at once", unit="fraction of training", env="LOOP_PHASE2_AT", validator=non_negative)
+    start_step: int = param(-1, help="#1285: >= 0 switches looping on at the top of this step instead of at start_frac; -1 = by fraction", unit="step", env="RECUR_START_STEP")
+    skip_weights: str = param("virtual", help="'virtual': one skip weight per encoder/decoder pair of the looped list (#1394); 'physical': sized for the physical halves, decoder position j uses weight min(j, n-1) while skips remain (#1285)", validator=one_of("virtual", "physical"))
     clock_reserve_seconds: float = param(0.0, help="seconds taken off the wallclock cap when the fraction is time-based (the records' GPTQ reserve)", unit="s", env="GPTQ_RESERVE_SECONDS", validator=non_negative)
 
 
@@ -61,18 +70,26 @@ def split(virtual: list[int]) -> tuple[list[int], list[int]]:
 class SegmentSchedule(nn.Module):
     """The topology's schedule: plain halves until switched on, then the virtual list of the active phase."""
 
-    def __init__(self, num_layers: int, num_encoder_layers: int, p: SegmentRecurrenceParams) -> None:
+    def __init__(self, num_layers: int, num_encoder_layers: int, p: SegmentRecurrenceParams, loop: tuple[int, int] | None = None) -> None:
         super().__init__()
-        if not p.loop_start <= p.loop_end < num_layers:
-            raise ValueError(f"segment_recurrence: loop {p.loop_start}-{p.loop_end} is not a layer range of a {num_layers}-layer model")
+        start, end = loop if loop is not None else (p.loop_start, p.loop_end)
+        if not start <= end < num_layers:
+            raise ValueError(f"segment_recurrence: loop {start}-{end} is not a layer range of a {num_layers}-layer model")
         self.plain = (list(range(num_encoder_layers)), list(range(num_encoder_layers, num_layers)))
         self.phases = {
-            1: split(virtual_layers(num_layers, p.loop_start, p.loop_end, min(p.num_loops, 1) + 1)),
-            2: split(virtual_layers(num_layers, p.loop_start, p.loop_end, p.num_loops + 1)),
+            1: split(virtual_layers(num_layers, start, end, min(p.num_loops, 1) + 1)),
+            2: split(virtual_layers(num_layers, start, end, p.num_loops + 1)),
         }
         self.phase = 0  # a Python int: a compiled graph specialises on it (one recompile per switch)
         enc, dec = self.phases[2]
-        self.num_skips = min(len(enc), len(dec))
+        self.physical_skips = p.skip_weights == "physical"
+        self.num_skips = min(num_encoder_layers, num_layers - num_encoder_layers) if self.physical_skips else min(len(enc), len(dec))
+
+    def skip_index(self, j: int) -> int | None:
+        """The skip weight decoder position ``j`` uses when a stored skip is left (None: no skip)."""
+        if self.physical_skips:
+            return min(j, self.num_skips - 1)
+        return j if j < self.num_skips else None
 
     def _lists(self) -> tuple[list[int], list[int]]:
         return self.phases[self.phase] if self.phase else self.plain
@@ -89,16 +106,24 @@ class SegmentSchedule(nn.Module):
 
 
 class SegmentRecurrence:
-    def __init__(self, params: SegmentRecurrenceParams, iterations: int, max_wallclock_seconds: float) -> None:
+    def __init__(self, params: SegmentRecurrenceParams, iterations: int, max_wallclock_seconds: float, num_layers: int = 0) -> None:
         self.params = params
+        self.num_layers = num_layers
+        self.loop = (params.loop_start, params.loop_end)
         self.iterations = iterations
         cap = max_wallclock_seconds - params.clock_reserve_seconds
         self.max_ms = 1000.0 * cap if max_wallclock_seconds > 0 else None
         self.schedule: SegmentSchedule | None = None
+        self._announced = False
 
     def transform(self, spec, layers, name) -> None:
-        p = self.params
-        spec.replace("topology", None, "schedule", lambda host: SegmentSchedule(host.num_layers, host.num_encoder_layers, p), by=name)
+        seg = sorted(layers)
+        if self.num_layers and seg and seg != list(range(self.num_layers)):
+            if seg != list(range(seg[0], seg[-1] + 1)):
+                raise ValueError(f"segment_recurrence: layers {seg} are not a contiguous range")
+            self.loop = (seg[0], seg[-1])
+        p, loop = self.params, self.loop
+        spec.replace("topology", None, "schedule", lambda host: SegmentSchedule(host.num_layers, host.num_encoder_layers, p, loop), by=name)
 
     def attach(self, model) -> None:
         schedule = getattr(model.topology, "schedule", None)
@@ -113,9 +138,27 @@ class SegmentRecurrence:
         self.schedule.phase = phase
         state.log(f"layer_loop:{tag}{detail} encoder:{self.schedule.encoder()} decoder:{self.schedule.decoder()}")
 
+    def _step_switch(self, state) -> None:
+        """#1285: at the top of a step, before its validation, on once ``step >= start_step``."""
+        s, p = self.schedule, self.params
+        layers = list(range(self.loop[0], self.loop[1] + 1))
+        if not self._announced:
+            self._announced = True
+            state.log(f"recurrence: layers={layers} start_step={p.start_step} active={int(s.phase != 0)}")
+        if s.phase == 0 and state.step >= p.start_step:
+            s.phase = 2
+            state.log(f"recurrence:activated step:{state.step} layers:{layers} virtual_layers:{len(s.encoder()) + len(s.decoder())}")
+
+    def on_eval_start(self, state) -> None:
+        if self.schedule is not None and self.params.start_step >= 0:
+            self._step_switch(state)
+
     def on_step_start(self, state) -> None:
         s, p = self.schedule, self.params
         if s is None:
+            return
+        if p.start_step >= 0:
+            self._step_switch(state)
             return
         frac = self.frac(state.step, getattr(state, "elapsed_ms", state.train_time_ms))
         detail = f" step:{state.step} frac:{frac:.3f}"
@@ -153,7 +196,7 @@ class SegmentRecurrence:
 
 
 def build(params: SegmentRecurrenceParams, ctx) -> SegmentRecurrence:
-    return SegmentRecurrence(params, ctx.run.iterations, ctx.run.max_wallclock_seconds)
+    return SegmentRecurrence(params, ctx.run.iterations, ctx.run.max_wallclock_seconds, ctx.model.num_layers)
 
 
 @hookimpl
@@ -167,5 +210,6 @@ def pgolf_register_techniques(register) -> None:
             summary="loop a layer range N extra times over a virtual layer list with U-Net skips over it, from a training fraction; optional two-phase (progressive) switch (PR #1394, #1412)",
             source="https://github.com/openai/parameter-golf/tree/main/records/track_10min_16mb/2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2",
             example='[[modifier]]\nuse = "segment_recurrence"\nloop_start = 1\nloop_end = 2\nnum_loops = 2\nstart_frac = 0.5',
+            layers_env={"RECUR_LAYERS": lambda v: [int(x) for x in v.split(",") if x.strip()] or None},
         )
     )

@@ -59,6 +59,13 @@ class UNetSkips(nn.Module):
             return self.schedule.run(b, x, x0, blocks, aux)[0]
         return blocks[b](x, x0, aux)
 
+    def skip_index(self, j: int) -> int | None:
+        """The skip weight of decoder position ``j`` (None: none); a schedule may say (#1285 reuses the last)."""
+        rule = getattr(self.schedule, "skip_index", None)
+        if rule is not None:
+            return rule(j)
+        return j if j < self.num_skips else None
+
     def add_skip(self, x: Tensor, j: int, skip: Tensor) -> Tensor:
         return x + self.skip_weights[j].to(dtype=x.dtype)[None, None, :] * skip
 
@@ -74,8 +81,9 @@ class UNetSkips(nn.Module):
         if self.decoder is not None:
             return self.decoder(self, x, x0, blocks, aux, skips)
         for j, b in enumerate(self.decoder_blocks()):
-            if skips and j < self.num_skips:
-                x = self.add_skip(x, j, skips.pop())
+            i = self.skip_index(j)
+            if skips and i is not None:
+                x = self.add_skip(x, i, skips.pop())
             x = self.run(b, x, x0, blocks, aux)
         return x
 
