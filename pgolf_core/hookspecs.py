@@ -4,7 +4,7 @@ pgolf separates *catalogue* from *composition*:
 
 * Plugins fill the catalogue through one pluggy hook, ``pgolf_register_techniques(register)``, calling
   ``register(Technique(...))`` once per technique (see ``pgolf_core.registry.Technique``).
-* A stack file chooses one technique per **slot** (``[attention] use = "gqa"``) and an ordered list of
+* A stack file chooses one technique per **slot** (``[attention] use = "<name>"``) and an ordered list of
   **modifiers** (``[[modifier]] use = "..." layers = "last 4"``). The core calls the chosen technique's
   ``build`` directly; no pluggy dispatch happens while a model runs. Everything a technique contributes
   is an ``nn.Module``, a plain function, or an object whose methods the loop calls at step boundaries.

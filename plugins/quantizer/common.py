@@ -67,6 +67,23 @@ def dequantize(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.float() * float(s.item())).to(dtype=dtype).contiguous()
 
 
+def dequantize_mixed(obj: dict, fmt: str) -> dict[str, Tensor]:
+    """Inverse of the ``w/m/dtypes`` layout of the GPTQ line (#1019 on; SDClip #1394): per tensor either a
+    stored float (``m[name]`` a string) or ``name.q`` and ``name.scale``; refuses another format."""
+    if not isinstance(obj, dict) or obj.get("__quant_format__") != fmt:
+        found = obj.get("__quant_format__") if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"artifact format {found!r} is not {fmt!r}")
+    w, out = obj["w"], {}
+    for name, info in obj["m"].items():
+        dtype = getattr(torch, obj["dtypes"].get(name, "float32"))
+        if isinstance(info, str):
+            t = w[name]
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+            continue
+        out[name] = dequantize(w[name + ".q"], w[name + ".scale"], dtype)
+    return out
+
+
 def dequantize_rows(obj: dict, fmt: str) -> dict[str, Tensor]:
     """Inverse of the ``quantized/scales/dtypes/passthrough`` layout shared by the baseline and PR #400;
     refuses an artifact written in another format (``__quant_format__``)."""

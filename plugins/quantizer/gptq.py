@@ -89,7 +89,7 @@ from pgolf_core.contracts import Compliance
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.roles import CONTROL
 from pgolf_core.registry import Technique
-from pgolf.plugins.quantizer.common import categories, classify, dequantize, own_storage, quantize_rows
+from pgolf.plugins.quantizer.common import categories, classify, dequantize_mixed, own_storage, quantize_rows
 from pgolf.plugins.quantizer.prune import fit_to_target
 
 PERCENTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
@@ -432,18 +432,7 @@ class GPTQ:
         return {"__quant_format__": self.fmt, "w": w, "m": m, "dtypes": dtypes}, stats
 
     def dequantize(self, obj: dict) -> dict[str, Tensor]:
-        if not isinstance(obj, dict) or obj.get("__quant_format__") != self.fmt:
-            found = obj.get("__quant_format__") if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"artifact format {found!r} is not {self.fmt!r}")
-        w, out = obj["w"], {}
-        for name, info in obj["m"].items():
-            dtype = getattr(torch, obj["dtypes"].get(name, "float32"))
-            if isinstance(info, str):
-                t = w[name]
-                out[name] = t.to(dtype) if t.is_floating_point() else t
-                continue
-            out[name] = dequantize(w[name + ".q"], w[name + ".scale"], dtype)
-        return out
+        return dequantize_mixed(obj, self.fmt)
 
     # -- selective ±1 pruning --------------------------------------------------------------------------
     def target_bytes(self) -> int:

@@ -40,7 +40,7 @@ from pgolf_core.config.fields import in_range, non_negative, one_of, param, posi
 from pgolf_core.hookspecs import hookimpl
 from pgolf_core.model.roles import CONTROL
 from pgolf_core.registry import Technique
-from pgolf.plugins.quantizer.common import classify, dequantize, own_storage
+from pgolf.plugins.quantizer.common import classify, dequantize_mixed, own_storage
 from pgolf.plugins.quantizer.gptq import GPTQ, GPTQParams, gptq_blocks, gptq_prepare
 
 FORMAT = "sdclip_gptq_v1"
@@ -178,18 +178,7 @@ class SDClipGPTQ:
         return {"__quant_format__": self.fmt, "w": w, "m": m, "dtypes": dtypes}, stats
 
     def dequantize(self, obj: dict) -> dict[str, Tensor]:
-        if not isinstance(obj, dict) or obj.get("__quant_format__") != self.fmt:
-            found = obj.get("__quant_format__") if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"artifact format {found!r} is not {self.fmt!r}")
-        w, out = obj["w"], {}
-        for name, info in obj["m"].items():
-            dtype = getattr(torch, obj["dtypes"].get(name, "float32"))
-            if isinstance(info, str):
-                t = w[name]
-                out[name] = t.to(dtype) if t.is_floating_point() else t
-                continue
-            out[name] = dequantize(w[name + ".q"], w[name + ".scale"], dtype)
-        return out
+        return dequantize_mixed(obj, self.fmt)
 
 
 @hookimpl
